@@ -1,0 +1,14 @@
+"""fastloss: fused, OpenMP-parallel loss functions and gradients for NumPy.
+
+Every loss is a plain function that takes array-likes and returns the loss,
+or ``(loss, grad)`` with ``return_grad=True``, computed in one pass by a
+compiled kernel.
+"""
+
+from ._kernels._openmp import openmp_enabled
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "openmp_enabled",
+]

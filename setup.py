@@ -1,0 +1,164 @@
+"""Build the fastloss extension modules.
+
+Every ``fastloss/_kernels/*.pyx`` file becomes one extension module, after
+any ``*.pyx.tp`` Tempita template beside it has been rendered to ``.pyx``.
+
+Environment variables:
+
+FASTLOSS_DEBUG=1
+    Turn bounds checks, wraparound and ``initializedcheck`` back on and build
+    with ``-O0 -g``, for chasing an out-of-bounds read.
+FASTLOSS_NO_OPENMP=1
+    Build without OpenMP even where the compiler supports it. The kernels then
+    run single-threaded and ``fastloss.openmp_enabled()`` returns False.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import warnings
+from pathlib import Path
+
+import numpy as np
+from Cython.Build import cythonize
+from Cython.Tempita import Template
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+HERE = Path(__file__).resolve().parent
+KERNELS = HERE / "fastloss" / "_kernels"
+DEBUG = os.environ.get("FASTLOSS_DEBUG", "0") not in ("", "0")
+NO_OPENMP = os.environ.get("FASTLOSS_NO_OPENMP", "0") not in ("", "0")
+
+OPENMP_PROBE = textwrap.dedent(
+    """\
+    #include <omp.h>
+    #include <stdio.h>
+    int main(void) {
+        int n = 0;
+        #pragma omp parallel reduction(+:n)
+        n += 1;
+        printf("%d\\n", n);
+        return n > 0 ? 0 : 1;
+    }
+    """
+)
+
+
+def render_templates():
+    """Render each ``*.pyx.tp`` template to the ``.pyx`` beside it."""
+    for template_path in sorted(KERNELS.glob("*.pyx.tp")):
+        target = template_path.with_suffix("")
+        text = Template(template_path.read_text(), name=str(template_path)).substitute()
+        if not target.exists() or target.read_text() != text:
+            target.write_text(text)
+
+
+def openmp_flags(compiler):
+    """Return ``(compile_args, link_args)`` for OpenMP, or ``None``.
+
+    The flags are chosen per compiler and confirmed by compiling, linking and
+    running a small OpenMP program, so a compiler that accepts ``-fopenmp`` but
+    has no runtime library does not produce a module that fails to import.
+    """
+    if compiler.compiler_type == "msvc":
+        candidates = [(["/openmp"], [])]
+    elif sys.platform == "darwin":
+        # Apple clang needs the libomp runtime from Homebrew or conda.
+        prefixes = [os.environ.get("OPENMP_PREFIX", ""), "/opt/homebrew/opt/libomp",
+                    "/usr/local/opt/libomp"]
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+        for prefix in filter(None, prefixes):
+            candidates.append(
+                ([f"-Xpreprocessor", "-fopenmp", f"-I{prefix}/include"],
+                 [f"-L{prefix}/lib", "-lomp", f"-Wl,-rpath,{prefix}/lib"])
+            )
+    else:
+        candidates = [(["-fopenmp"], ["-fopenmp"])]
+
+    for compile_args, link_args in candidates:
+        if probe_openmp(compiler, compile_args, link_args):
+            return compile_args, link_args
+    return None
+
+
+def probe_openmp(compiler, compile_args, link_args):
+    """Compile, link and run the OpenMP probe with the given flags."""
+    tmpdir = tempfile.mkdtemp(prefix="fastloss-omp-")
+    source = os.path.join(tmpdir, "probe.c")
+    with open(source, "w") as f:
+        f.write(OPENMP_PROBE)
+    try:
+        objects = compiler.compile([source], output_dir=tmpdir, extra_postargs=compile_args)
+        exe = os.path.join(tmpdir, "probe")
+        compiler.link_executable(objects, exe, extra_postargs=link_args)
+        if compiler.compiler_type == "msvc":
+            exe += ".exe"
+        subprocess.run([exe], check=True, capture_output=True, timeout=60)
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return True
+
+
+class BuildExt(build_ext):
+    """Add optimisation and OpenMP flags that suit the compiler in use."""
+
+    def build_extensions(self):
+        compiler = self.compiler
+        if compiler.compiler_type == "msvc":
+            opt_args = ["/O2"]
+        elif DEBUG:
+            opt_args = ["-O0", "-g"]
+        else:
+            # -O3 for the vectorizer; no -march, so wheels run on any CPU of
+            # their architecture. -fno-math-errno lets exp and log inline.
+            opt_args = ["-O3", "-fno-math-errno"]
+
+        omp = None if NO_OPENMP else openmp_flags(compiler)
+        if omp is None and not NO_OPENMP:
+            warnings.warn(
+                "OpenMP was not found for this compiler: fastloss is being "
+                "built single-threaded, and fastloss.openmp_enabled() will "
+                "return False.",
+                stacklevel=1,
+            )
+        for ext in self.extensions:
+            ext.extra_compile_args = list(opt_args)
+            ext.extra_link_args = []
+            if omp is not None:
+                ext.extra_compile_args += omp[0]
+                ext.extra_link_args += omp[1]
+        super().build_extensions()
+
+
+def extensions():
+    render_templates()
+    modules = []
+    for source in sorted(KERNELS.glob("*.pyx")):
+        modules.append(
+            Extension(
+                f"fastloss._kernels.{source.stem}",
+                [str(source.relative_to(HERE))],
+                include_dirs=[np.get_include()],
+                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+            )
+        )
+    directives = {
+        "language_level": 3,
+        "boundscheck": DEBUG,
+        "wraparound": DEBUG,
+        "initializedcheck": DEBUG,
+        "cdivision": True,
+        "nonecheck": False,
+        "embedsignature": True,
+        "cpow": True,
+    }
+    return cythonize(modules, compiler_directives=directives, compile_time_env={"DEBUG": DEBUG})
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})

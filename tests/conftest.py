@@ -1,0 +1,22 @@
+import os
+
+import numpy as np
+import pytest
+
+import fastloss
+
+# Thread counts every kernel is checked with: one, two, and more threads than
+# the machine has cores, which must still give bit-identical results.
+THREAD_COUNTS = (1, 2, 3)
+
+
+def pytest_report_header(config):
+    return (
+        f"fastloss {fastloss.__version__}, openmp_enabled={fastloss.openmp_enabled()},"
+        f" numpy {np.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    )
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20261204)
