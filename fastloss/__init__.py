@@ -6,9 +6,13 @@ compiled kernel.
 """
 
 from ._kernels._openmp import openmp_enabled
+from .diagnosis import Diagnosis, Finding, diagnose
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Diagnosis",
+    "Finding",
+    "diagnose",
     "openmp_enabled",
 ]
