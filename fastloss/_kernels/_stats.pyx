@@ -232,10 +232,10 @@ cdef void _softmax_tile(
 
     # Phase 2: exp sums relative to the max, and for a probability target the
     # weighted target sums that the loss and gradient norm need.
-    for c in range(n_classes):
-        for i in range(n):
-            v = logits[o, c, i0 + i]
-            if mode == 2:
+    if mode == 2:
+        for c in range(n_classes):
+            for i in range(n):
+                v = logits[o, c, i0 + i]
                 y = target_prob[o, c, i0 + i]
                 if not is_finite(y):
                     n_t_nonfinite += 1
@@ -262,8 +262,16 @@ cdef void _softmax_tile(
                     elif bad[i] == 0.0:
                         wyx[i] += wy * v
                         wye[i] += wy * exp(v - m[i])
-            if bad[i] == 0.0:
-                e = exp(v - m[i])
+                if bad[i] == 0.0:
+                    e = exp(v - m[i])
+                    s[i] += e
+                    s2[i] += e * e
+    else:
+        # No branch: at a bad position the sums turn NaN or inf, and phase 3
+        # skips that position.
+        for c in range(n_classes):
+            for i in range(n):
+                e = exp(logits[o, c, i0 + i] - m[i])
                 s[i] += e
                 s2[i] += e * e
 
@@ -489,7 +497,9 @@ cdef void _sigmoid_block(
             xmax = v
         xsum += v
         xsq += v * v
-        if v >= 0.0 and v <= 1.0:
+        # The open interval: sigmoid output never reaches 0 or 1 before it
+        # saturates, while zero-initialised logits are exactly 0.
+        if v > 0.0 and v < 1.0:
             n_in01 += 1
         if v > 0.0:
             n_pred_pos += 1
