@@ -6,9 +6,12 @@ compiled kernel.
 """
 
 from ._kernels._openmp import openmp_enabled
+from .softmax import cross_entropy, focal_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "cross_entropy",
+    "focal_loss",
     "openmp_enabled",
 ]
