@@ -97,7 +97,8 @@ def cross_entropy(
         ``logits``, in the compute dtype.
     grad_out : ndarray, optional
         Writeable array of the logits' shape and compute dtype that receives
-        the gradient; it is the array returned. Requires ``return_grad=True``.
+        the gradient; it is the array returned. It is filled even with
+        ``return_grad=False``, in which case only the loss is returned.
     n_threads : int, optional
         OpenMP threads; None uses what OpenMP offers. The result is
         bit-identical for every count.
@@ -140,17 +141,19 @@ def cross_entropy(
     n_threads = resolve_n_threads(n_threads)
     n_classes = x.shape[class_axis]
     w = _check_weight(weight, n_classes, dtype)
-    grad_out = _check_grad_request(return_grad, grad_out, x.shape, dtype)
+    grad_out, want_grad = _check_grad_request(return_grad, grad_out, x.shape, dtype)
 
     if probs:
-        return _run_probs(
-            x, t, class_axis, w, smoothing, reduction, return_grad, grad_out,
+        result = _run_probs(
+            x, t, class_axis, w, smoothing, reduction, want_grad, grad_out,
             n_threads,
         )
-    return _run_labels(
-        _softmax.cross_entropy_labels, x, t, class_axis, w, ignore, smoothing,
-        reduction, return_grad, grad_out, n_threads,
-    )
+    else:
+        result = _run_labels(
+            _softmax.cross_entropy_labels, x, t, class_axis, w, ignore, smoothing,
+            reduction, want_grad, grad_out, n_threads,
+        )
+    return result if want_grad == return_grad else result[0]
 
 
 def focal_loss(
@@ -222,12 +225,13 @@ def focal_loss(
     n_threads = resolve_n_threads(n_threads)
     n_classes = x.shape[class_axis]
     w = _check_weight(weight, n_classes, dtype)
-    grad_out = _check_grad_request(return_grad, grad_out, x.shape, dtype)
+    grad_out, want_grad = _check_grad_request(return_grad, grad_out, x.shape, dtype)
 
-    return _run_labels(
+    result = _run_labels(
         _softmax.focal_labels, x, t, class_axis, w, ignore, gamma, reduction,
-        return_grad, grad_out, n_threads,
+        want_grad, grad_out, n_threads,
     )
+    return result if want_grad == return_grad else result[0]
 
 
 def _prepare(logits, target, axis, probabilities):
@@ -326,13 +330,11 @@ def _unit_weight(n_classes, dtype):
 
 
 def _check_grad_request(return_grad, grad_out, shape, dtype):
+    """Return ``(grad_out, want_grad)``: a grad_out is filled even without
+    return_grad, as NumPy's ``out=`` is."""
     if grad_out is None:
-        return None
-    if not return_grad:
-        raise ValueError(
-            "grad_out is only written with return_grad=True, got return_grad=False"
-        )
-    return check_grad_out(grad_out, shape, dtype)
+        return None, bool(return_grad)
+    return check_grad_out(grad_out, shape, dtype), True
 
 
 def _class_view(a, class_axis):

@@ -262,6 +262,20 @@ def test_grad_out_is_written_and_returned(rng):
     assert np.isnan(big[:, :, 1::2]).all()
 
 
+def test_grad_out_filled_without_return_grad(rng):
+    logits = rng.standard_normal((4, 3))
+    target = np.array([0, 2, 1, 1])
+    out = np.full((4, 3), np.nan)
+    loss = fl.cross_entropy(logits, target, grad_out=out)
+    expected_loss, expected_grad = fl.cross_entropy(logits, target, return_grad=True)
+    assert np.isscalar(loss)
+    assert loss == expected_loss
+    np.testing.assert_array_equal(out, expected_grad)
+    focal = fl.focal_loss(logits, target, grad_out=out)
+    assert focal == fl.focal_loss(logits, target)
+    np.testing.assert_array_equal(out, fl.focal_loss(logits, target, return_grad=True)[1])
+
+
 def test_grad_out_channels_last(rng):
     logits = rng.standard_normal((3, 4, 5))
     target = rng.integers(0, 5, (3, 4))
@@ -648,7 +662,7 @@ def test_float_labels_raise_type_error(rng):
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
         (dict(n_threads=0), ValueError, "n_threads"),
-        (dict(grad_out=np.empty((4, 3))), ValueError, "return_grad=True"),
+        (dict(grad_out=np.empty((3, 4))), ValueError, r"grad_out must have shape"),
         (dict(return_grad=True, grad_out=np.empty((3, 4))), ValueError,
          r"grad_out must have shape \(4, 3\)"),
         (dict(return_grad=True, grad_out=np.empty((4, 3), np.float32)), ValueError,
