@@ -128,7 +128,9 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     """
     n_threads = resolve_n_threads(n_threads)
     p = _as_aligned(as_float_array(pred, "pred"))
-    dtype = p.dtype
+    # One of the two module-level dtype objects, so that later tests can use
+    # ``is``: a byte-swapped input converts to an equal but distinct object.
+    dtype = _F64 if p.dtype == _F64 else _F32
     t = _as_aligned(as_float_array(target, "target", dtype))
     check_same_shape(p, t, "pred", "target")
     w = None
