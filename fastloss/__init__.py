@@ -7,6 +7,16 @@ compiled kernel.
 
 from ._kernels._openmp import openmp_enabled
 from .diagnosis import Diagnosis, Finding, diagnose
+from .regression import (
+    huber_loss,
+    l1_loss,
+    log_cosh_loss,
+    mse_loss,
+    pinball_loss,
+    rmse_loss,
+    smooth_l1_loss,
+)
+from .softmax import cross_entropy, focal_loss
 
 __version__ = "0.1.0"
 
@@ -14,5 +24,14 @@ __all__ = [
     "Diagnosis",
     "Finding",
     "diagnose",
+    "cross_entropy",
+    "focal_loss",
     "openmp_enabled",
+    "mse_loss",
+    "rmse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "log_cosh_loss",
+    "pinball_loss",
 ]
