@@ -526,6 +526,27 @@ class TestHealthyInput:
             x, t = logits.astype(">f4"), target.astype(">i8")
         assert fl.diagnose(x, t).stats == base
 
+    def test_zero_stride_batch(self, rng):
+        # 400000 positions that share one row of logits, read in place.
+        row = np.array([2.0, -1.0, 0.5, 0.0], dtype=np.float32)
+        logits = np.broadcast_to(row, (400000, 4))
+        target = np.broadcast_to(np.int64(0), (400000,))
+        d = fl.diagnose(logits, target)
+        expected = np.log(np.exp(row.astype(np.float64)).sum()) - 2.0
+        assert d.stats["loss"] == pytest.approx(expected, rel=1e-12)
+        assert d.stats["n_kept"] == 400000
+        assert "collapsed-predictions" not in d.codes
+
+    def test_concurrent_calls(self, rng):
+        from concurrent.futures import ThreadPoolExecutor
+
+        logits, target = healthy_batch(rng, shape=(2, 5, 64, 64))
+        expected = fl.diagnose(logits, target).stats
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(lambda _: fl.diagnose(logits, target).stats, range(8)))
+        for stats in results:
+            assert stats == expected
+
     def test_fitted_logistic_regression(self):
         sklearn = pytest.importorskip("sklearn")
         from sklearn.datasets import load_digits
@@ -605,6 +626,20 @@ class TestStats:
         assert d.stats["n_ignored"] == 3
         assert d.stats["n_kept"] == 3 * 5 * 7 - 3
 
+    @pytest.mark.parametrize("target_kind", ["index", "probability"])
+    def test_matches_fastloss_cross_entropy(self, rng, target_kind):
+        logits = rng.normal(size=(3, 4, 5, 7))
+        if target_kind == "index":
+            target = rng.integers(0, 4, size=(3, 5, 7))
+            target[0, 0, :3] = -100
+        else:
+            target = softmax(rng.normal(size=logits.shape), axis=1)
+        weight = np.array([0.5, 1.0, 2.0, 3.0])
+        d = fl.diagnose(logits, target, weight=weight)
+        loss, grad = fl.cross_entropy(logits, target, weight=weight, return_grad=True)
+        assert d.stats["loss"] == pytest.approx(float(loss), rel=1e-12)
+        assert d.stats["grad_norm"] == pytest.approx(np.linalg.norm(grad), rel=1e-10)
+
     def test_torch_cross_entropy(self, rng):
         torch = pytest.importorskip("torch")
         logits, target = healthy_batch(rng, shape=(4, 5, 6, 6), dtype=np.float64)
@@ -678,6 +713,31 @@ class TestStats:
 # ---------------------------------------------------------------------------
 # The Diagnosis API
 # ---------------------------------------------------------------------------
+
+
+class TestAgreesWithCrossEntropy:
+    """A batch that diagnose calls an error makes cross_entropy raise."""
+
+    def test_void_label_raises(self, rng):
+        logits, target = healthy_batch(rng)
+        target[0, 0, 0] = 255
+        assert fl.diagnose(logits, target).has_errors()
+        with pytest.raises(ValueError, match="255"):
+            fl.cross_entropy(logits, target)
+
+    def test_float_labels_raise(self, rng):
+        logits, target = healthy_batch(rng)
+        assert fl.diagnose(logits, target.astype(np.float32)).has_errors()
+        with pytest.raises(TypeError, match="astype"):
+            fl.cross_entropy(logits, target.astype(np.float32))
+
+    def test_healthy_batch_runs(self, rng):
+        logits, target = healthy_batch(rng)
+        target[0, 0, 0] = -100
+        d = fl.diagnose(logits, target)
+        assert d.ok
+        assert d.stats["loss"] == pytest.approx(float(fl.cross_entropy(logits, target)),
+                                                 rel=1e-6)
 
 
 class TestDiagnosisApi:

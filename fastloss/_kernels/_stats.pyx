@@ -6,9 +6,10 @@
 #      pass over the classes for the running max, the range checks and the
 #      NaN/inf counts; a pass for the exp sums (and the target sums of a
 #      probability target); a pass over the positions for log-sum-exp, the
-#      loss, the squared gradient norm and the histograms.
-#   2. ``softmax_stats`` and ``sigmoid_stats`` run the tiles or element
-#      blocks in a ``prange`` and combine the results.
+#      loss, the squared gradient norm and the histograms. ``_sigmoid_block``
+#      walks one block of BLOCK_SIZE elements of a 2-D view in one pass.
+#   2. ``softmax_stats`` and ``sigmoid_stats`` run the tiles or blocks in a
+#      ``prange`` and combine the results.
 #
 # Determinism: float sums are kept per tile (per block for the sigmoid loss)
 # in double and combined with ``sum_partials`` in a fixed order, so they do
@@ -19,20 +20,21 @@
 # The wrapper has already checked every shape: the index target is
 # ``(outer, inner)``, the probability target has the logits' view shape,
 # ``weight`` has length C, and class indices are int64. It also swaps an
-# ``inner == 1`` view to ``(1, C, outer)`` so that tiles are never a single
-# position long.
+# ``(outer, C, 1)`` view of ``(N, C)`` data to ``(1, C, outer)``, so that a
+# tile spans many positions.
 
 from cython.parallel cimport prange, threadid
-from libc.math cimport exp, log, log1p, fabs, sqrt, INFINITY
+from libc.math cimport exp, log, log1p, fabs, INFINITY
 from libc.stdint cimport int64_t
 
 from ._common cimport floating, BLOCK_SIZE, threads_for, sum_partials
 
 import numpy as np
 
-# Positions per softmax tile. The tile's scratch (about 12 doubles per
-# position) stays in L1, and the class loop reads TILE neighbouring positions
-# of one class at a time, which is the contiguous direction of NCHW data.
+# Positions per softmax tile. The tile's scratch (N_SCRATCH doubles per
+# position, 34 KiB) stays in L1 or L2, and the class loop reads TILE
+# neighbouring positions of one class at a time, which is the contiguous
+# direction of NCHW data.
 cdef enum:
     TILE = 256
 
