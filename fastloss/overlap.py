@@ -1,10 +1,10 @@
 """Overlap losses for segmentation: soft Dice, Jaccard (IoU) and Tversky.
 
-Each public function validates its inputs, views the logits as
-``(outer, C, inner)`` around the class axis with the sample axis leading
-``outer``, and calls one kernel that makes two passes over the data: the
-first sums ``p * y``, ``p`` and ``y`` per (sample,) class in fixed blocks,
-the second writes the gradient from those sums.
+Each public function validates its inputs and views the logits as
+``(outer, C, inner)`` around the class axis, with the sample axis leading
+``outer``. One kernel then makes two passes over the data. The first sums
+``p * y``, ``p`` and ``y`` per (sample,) class in fixed blocks, and the
+second writes the gradient from those sums.
 
 Where the contract of these functions is silent they follow
 ``segmentation_models_pytorch.losses`` (``DiceLoss``, ``JaccardLoss``,
@@ -13,6 +13,7 @@ absent from the target contributes 0, and ``max(denominator, eps)`` is a
 ``clamp_min``.
 """
 
+import math
 import operator
 
 import numpy as np
@@ -219,9 +220,16 @@ def _overlap_loss(
         raise ValueError(
             "logits must have at least 1 dimension (the class axis), got a 0-d array"
         )
-    class_axis = 0 if logits.ndim == 1 and axis == 1 else v.normalize_axis(axis, logits.ndim)
-    smooth = v.check_scalar(smooth, "smooth", low=0.0)
-    eps = v.check_scalar(eps, "eps", low=0.0)
+    if logits.ndim == 1 and axis == 1:
+        # (C,) logits hold one sample, so the default axis means axis 0.
+        class_axis = 0
+    else:
+        class_axis = v.normalize_axis(axis, logits.ndim)
+    # Plain non-negative floats, the common case, skip the general check.
+    if type(smooth) is not float or not smooth >= 0.0:
+        smooth = v.check_scalar(smooth, "smooth", low=0.0)
+    if type(eps) is not float or not eps >= 0.0:
+        eps = v.check_scalar(eps, "eps", low=0.0)
     ignore = _check_ignore_index(ignore_index)
     if type(per_sample) is not bool and not isinstance(per_sample, np.bool_):
         raise TypeError(f"per_sample must be a bool, got {type(per_sample).__name__}")
@@ -317,7 +325,7 @@ def _check_ignore_index(ignore_index):
 def _multiclass_layout(logits, target, class_axis, ignore, dtype):
     index_shape = logits.shape[:class_axis] + logits.shape[class_axis + 1 :]
     t = v.as_array(target, "target")
-    logits3, _ = v.class_axis_view(logits, class_axis)
+    logits3, _ = _class_view(logits, class_axis)
     if t.shape == logits.shape:
         if ignore is not None:
             raise ValueError(
@@ -325,7 +333,7 @@ def _multiclass_layout(logits, target, class_axis, ignore, dtype):
                 f" of class probabilities with the logits' shape {logits.shape}"
             )
         t = v.as_float_array(t, "target", dtype)
-        target3, _ = v.class_axis_view(t, class_axis)
+        target3, _ = _class_view(t, class_axis)
         return "softmax", logits3, target3, class_axis
     if t.shape != index_shape:
         raise ValueError(
@@ -337,14 +345,14 @@ def _multiclass_layout(logits, target, class_axis, ignore, dtype):
         "target",
         hint=" (convert whole-number labels with .astype(np.int64))",
     )
-    return "index", logits3, v.index_view(t, class_axis), class_axis
+    return "index", logits3, _index_view(t, class_axis), class_axis
 
 
 def _multilabel_layout(logits, target, class_axis, dtype):
     t = v.as_float_array(target, "target", dtype)
     v.check_same_shape(logits, t, "logits", "target")
-    logits3, _ = v.class_axis_view(logits, class_axis)
-    target3, _ = v.class_axis_view(t, class_axis)
+    logits3, _ = _class_view(logits, class_axis)
+    target3, _ = _class_view(t, class_axis)
     return "sigmoid", logits3, target3, class_axis
 
 
@@ -353,8 +361,8 @@ def _binary_layout(logits, target, class_axis, dtype):
     # when target and logits share a shape, a virtual one after axis 0.
     t = v.as_float_array(target, "target", dtype)
     if t.shape == logits.shape:
-        logits3 = _insert_class_axis(v.index_view(logits, 1))
-        target3 = _insert_class_axis(v.index_view(t, 1))
+        logits3 = _insert_class_axis(_index_view(logits, 1))
+        target3 = _insert_class_axis(_index_view(t, 1))
         return "sigmoid", logits3, target3, None
     index_shape = logits.shape[:class_axis] + logits.shape[class_axis + 1 :]
     if logits.shape[class_axis] != 1 or t.shape != index_shape:
@@ -363,9 +371,30 @@ def _binary_layout(logits, target, class_axis, dtype):
             f" with one class channel on axis {class_axis}, that shape without"
             f" it; got logits {logits.shape} and target {t.shape}"
         )
-    logits3, _ = v.class_axis_view(logits, class_axis)
-    target3 = _insert_class_axis(v.index_view(t, class_axis))
+    logits3, _ = _class_view(logits, class_axis)
+    target3 = _insert_class_axis(_index_view(t, class_axis))
     return "sigmoid", logits3, target3, class_axis
+
+
+def _class_view(x, axis):
+    """Return ``v.class_axis_view(x, axis)``, by a plain reshape when it can.
+
+    ``as_strided`` costs several microseconds a call, which would dominate
+    the time of a small input, and a C-contiguous array needs none of it.
+    """
+    if x.flags.c_contiguous:
+        shape = x.shape
+        outer = math.prod(shape[:axis])
+        inner = math.prod(shape[axis + 1 :])
+        return x.reshape(outer, shape[axis], inner), x
+    return v.class_axis_view(x, axis)
+
+
+def _index_view(t, split):
+    """Return ``v.index_view(t, split)``, by a plain reshape when it can."""
+    if t.flags.c_contiguous:
+        return t.reshape(math.prod(t.shape[:split]), math.prod(t.shape[split:]))
+    return v.index_view(t, split)
 
 
 def _insert_class_axis(view2):
@@ -380,18 +409,17 @@ def _grad_view(grad, grad_axis):
     which the caller copies back after the kernel ran.
     """
     if grad_axis is None:
-        view = v.index_view(grad, 1)
+        view = _index_view(grad, 1)
         base = grad if np.may_share_memory(view, grad) or grad.size == 0 else view
         return _insert_class_axis(view), base
-    view, base = v.class_axis_view(grad, grad_axis)
+    view, base = _class_view(grad, grad_axis)
     return view, base
 
 
 def _raise_bad_index(target, position, n_classes):
     t = np.asarray(target)
-    where = np.unravel_index(position, t.shape)
-    value = t[where]
+    where = tuple(int(i) for i in np.unravel_index(position, t.shape))
     raise ValueError(
-        f"target contains class index {value} at position {tuple(int(i) for i in where)},"
+        f"target contains class index {t[where]} at position {where},"
         f" outside [0, {n_classes}) and not ignore_index"
     )
