@@ -150,8 +150,10 @@ def tversky_loss(
     grad_out=None,
     n_threads=None,
 ):
-    alpha = v.check_scalar(alpha, "alpha", low=0.0)
-    beta = v.check_scalar(beta, "beta", low=0.0)
+    if type(alpha) is not float or not alpha >= 0.0:
+        alpha = v.check_scalar(alpha, "alpha", low=0.0)
+    if type(beta) is not float or not beta >= 0.0:
+        beta = v.check_scalar(beta, "beta", low=0.0)
     return _overlap_loss(
         logits, target, mode, smooth, eps, ignore_index, axis, per_sample,
         reduction, return_grad, grad_out, n_threads,

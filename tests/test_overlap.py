@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -246,6 +248,19 @@ def test_matches_smp_in_torch(rng, name, mode, case_kw, per_sample, reduction):
     loss, grad = LOSSES[name](logits, target, return_grad=True, **kwargs)
     expected_loss, expected_grad = smp_reference(name, logits, target, **kwargs)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-15)
+
+
+@needs_torch
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_eps_clamp_matches_smp(rng, name, mode):
+    # An eps above some denominators makes clamp_min cut their gradient.
+    logits, target = make_case(rng, mode, shape=(2, 4, 3, 3))
+    kwargs = dict(mode=mode, eps=8.0, per_sample=True, **loss_kwargs(name))
+    loss, grad = LOSSES[name](logits, target, return_grad=True, **kwargs)
+    expected_loss, expected_grad = smp_reference(name, logits, target, **kwargs)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
     np.testing.assert_allclose(grad, expected_grad, rtol=1e-10, atol=1e-15)
 
 
@@ -675,3 +690,19 @@ def test_mode_shape_errors(rng):
 def test_huge_ignore_index_matches_nothing(rng):
     logits, target = make_case(rng, "multiclass")
     assert fl.dice_loss(logits, target, ignore_index=2**70) == fl.dice_loss(logits, target)
+
+
+def test_concurrent_calls_bit_identical(rng):
+    # Several Python threads in the kernels at once share no state.
+    logits, target = make_case(rng, "multiclass", shape=(4, 3, 96, 96), ignore=-1)
+
+    def run(_):
+        return fl.dice_loss(logits, target, ignore_index=-1, per_sample=True,
+                            return_grad=True, n_threads=2)
+
+    expected_loss, expected_grad = run(None)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(8)))
+    for loss, grad in results:
+        assert loss.tobytes() == expected_loss.tobytes()
+        assert grad.tobytes() == expected_grad.tobytes()

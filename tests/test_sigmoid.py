@@ -1,3 +1,5 @@
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -482,3 +484,18 @@ def test_focal_parameter_errors(rng, kwargs, error, match):
     x, y = make_data(rng)
     with pytest.raises(error, match=match):
         fl.sigmoid_focal_loss(x, y, **kwargs)
+
+
+def test_concurrent_calls_bit_identical(rng):
+    # Several Python threads in the kernels at once share no state.
+    x, y = make_data(rng, shape=(70, 30, 40))
+
+    def run(_):
+        return fl.sigmoid_focal_loss(x, y, return_grad=True, n_threads=2)
+
+    expected_loss, expected_grad = run(None)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(run, range(8)))
+    for loss, grad in results:
+        assert loss.tobytes() == expected_loss.tobytes()
+        assert grad.tobytes() == expected_grad.tobytes()
