@@ -39,7 +39,7 @@ _COMMON_DOC = """
         logits' shape. ``"binary"``: labels with the logits' shape, or with
         the logits' shape minus a class axis of length 1.
     mode : {"multiclass", "binary", "multilabel"}
-        ``"multiclass"`` takes a softmax over the class axis; ``"binary"``
+        ``"multiclass"`` takes a softmax over the class axis, ``"binary"``
         and ``"multilabel"`` take one sigmoid per element.
     smooth : float
         Added to numerator and denominator, ``>= 0``.
@@ -62,9 +62,9 @@ _COMMON_DOC = """
         ``reduction="none"`` it is the gradient of the sum of the returned
         losses.
     grad_out : ndarray, optional
-        Array to write the gradient into; it is returned as the gradient.
+        Array to write the gradient into, returned as the gradient.
     n_threads : int, optional
-        Thread count; ``None`` uses what OpenMP offers.
+        Thread count. ``None`` uses what OpenMP offers.
 
     Returns
     -------
@@ -72,7 +72,8 @@ _COMMON_DOC = """
         A scalar of the compute dtype, or the per-class losses for
         ``reduction="none"``.
     grad : ndarray
-        Only with ``return_grad=True``; the logits' shape and compute dtype.
+        Only with ``return_grad=True``, with the logits' shape and compute
+        dtype.
 
     Notes
     -----
@@ -196,7 +197,7 @@ tversky_loss.__doc__ = (
         loss = 1 - (TP + smooth) / max(TP + alpha * FP + beta * FN + smooth, eps)
 
     then reduced over the classes (and samples). ``alpha`` (``>= 0``) weighs
-    the false positives and ``beta`` (``>= 0``) the false negatives; with
+    the false positives and ``beta`` (``>= 0``) the false negatives. With
     ``alpha = beta = 0.5`` the loss equals :func:`dice_loss` with twice the
     ``smooth``.
 """
@@ -371,7 +372,7 @@ def _binary_layout(logits, target, class_axis, dtype):
         raise ValueError(
             "binary mode needs a target with the logits' shape or, for logits"
             f" with one class channel on axis {class_axis}, that shape without"
-            f" it; got logits {logits.shape} and target {t.shape}"
+            f" it, got logits {logits.shape} and target {t.shape}"
         )
     logits3, _ = _class_view(logits, class_axis)
     target3 = _insert_class_axis(_index_view(t, class_axis))

@@ -30,7 +30,8 @@ def binary_cross_entropy_with_logits(
 ):
     """Compute the binary cross-entropy between sigmoid(logits) and target.
 
-    The per-element loss, with ``p = sigmoid(logits)``, is::
+    The per-element loss, with ``x`` the logit, ``y`` the target and
+    ``p = sigmoid(x)``, is::
 
         l = -weight * (pos_weight * y * log(p) + (1 - y) * log(1 - p))
 
@@ -58,9 +59,9 @@ def binary_cross_entropy_with_logits(
     return_grad : bool
         Also return the gradient with respect to ``logits``.
     grad_out : ndarray, optional
-        Array to write the gradient into; it is returned as the gradient.
+        Array to write the gradient into, returned as the gradient.
     n_threads : int, optional
-        Thread count; ``None`` uses what OpenMP offers.
+        Thread count. ``None`` uses what OpenMP offers.
 
     Returns
     -------
@@ -73,9 +74,10 @@ def binary_cross_entropy_with_logits(
     Notes
     -----
     An element of zero weight contributes 0 to the loss and gets a zero
-    gradient even when its logit or target is NaN; PyTorch would return NaN
-    there. An infinite logit gives the limit of the loss where one exists
-    (a logit of ``+inf`` with target 1 costs 0), where PyTorch returns NaN.
+    gradient even when its logit or target is NaN, and PyTorch returns NaN
+    for such an element. An infinite logit gives the limit of the loss where one exists
+    (a logit of ``+inf`` with target 1 costs 0), where PyTorch returns NaN
+    (both checked with PyTorch 2.13).
     """
     logits = v.as_float_array(logits, "logits")
     dtype = logits.dtype
@@ -117,10 +119,12 @@ def sigmoid_focal_loss(
     grad_out=None,
     n_threads=None,
 ):
-    """Compute the focal loss of Lin et al. on sigmoid outputs.
+    """Compute the focal loss on sigmoid outputs.
 
-    With ``p = sigmoid(logits)``, ``ce`` the binary cross-entropy and
-    ``p_t = p * y + (1 - p) * (1 - y)``, the per-element loss is::
+    The loss is that of Lin et al., "Focal Loss for Dense Object Detection"
+    (ICCV 2017). With ``y`` the target, ``p = sigmoid(logits)``, ``ce`` the
+    binary cross-entropy and ``p_t = p * y + (1 - p) * (1 - y)``, the
+    per-element loss is::
 
         l = alpha_t * (1 - p_t)**gamma * ce,
         alpha_t = alpha * y + (1 - alpha) * (1 - y),
@@ -138,10 +142,10 @@ def sigmoid_focal_loss(
         Weight of the positive class in ``[0, 1]``, or ``-1`` to turn the
         class balance off (``alpha_t = 1``).
     gamma : float
-        Focusing exponent, ``>= 0``; ``gamma=0`` is the binary cross-entropy
+        Focusing exponent, ``>= 0``. ``gamma=0`` is the binary cross-entropy
         scaled by ``alpha_t``.
     reduction : {"mean", "sum", "none"}
-        ``"mean"`` is the plain mean over elements; over zero elements it is
+        ``"mean"`` is the plain mean over elements, and over zero elements it is
         ``nan``.
     return_grad, grad_out, n_threads
         As for :func:`binary_cross_entropy_with_logits`.

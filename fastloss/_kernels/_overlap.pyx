@@ -357,8 +357,8 @@ def overlap_index(
 ):
     """Compute the overlap loss of softmax probabilities and class indices.
 
-    ``logits`` is ``(outer, C, inner)`` and ``target`` ``(outer, inner)``;
-    ``outer`` splits into ``n_samples`` equal runs of rows. Fills ``losses``
+    ``logits`` is ``(outer, C, inner)`` and ``target`` ``(outer, inner)``,
+    and ``outer`` splits into ``n_samples`` equal runs of rows. Fills ``losses``
     (``n_samples * C``) and, when ``write_grad`` is set, ``grad`` (the scale
     of the ``mean`` is in ``grad_scale``). Returns ``(sum of losses, -1)``,
     or ``(nan, q)`` without touching ``grad`` when the class index at flat
@@ -445,7 +445,7 @@ def overlap_dense(
 ):
     """Compute the overlap loss of probabilities and a target of their shape.
 
-    ``logits`` and ``target`` are both ``(outer, C, inner)``; a target with
+    ``logits`` and ``target`` are both ``(outer, C, inner)``. A target with
     a zero stride on the class axis serves one-channel binary data. The
     probabilities are a softmax over the class axis (``use_softmax``) or one
     sigmoid per element. Fills ``losses`` and, with ``write_grad``, ``grad``,

@@ -13,8 +13,8 @@
 # The Python wrapper has already cast every array to one float dtype, checked
 # the shapes, broadcast ``weight`` and ``pos_weight`` to zero-stride views,
 # and turned all arrays into 2-D views that visit the elements in the same
-# order. ``grad_scale`` carries the ``mean`` scaling (1/n) into the gradient;
-# the wrapper divides the returned sum itself.
+# order. ``grad_scale`` carries the ``mean`` scaling (1/n) into the gradient,
+# and the wrapper divides the returned sum itself.
 
 from cython.parallel cimport prange
 
