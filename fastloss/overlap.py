@@ -23,6 +23,13 @@ from ._kernels import _overlap
 
 MODES = ("binary", "multiclass", "multilabel")
 
+# Stand-ins for the gradient when a kernel call writes none. They must be
+# writeable, because the kernel's gradient argument is not const.
+_PLACEHOLDERS = {
+    np.dtype(np.float32): np.zeros((1, 1, 1), np.float32),
+    np.dtype(np.float64): np.zeros((1, 1, 1), np.float64),
+}
+
 _INT64_MIN = int(np.iinfo(np.int64).min)
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -62,7 +69,9 @@ _COMMON_DOC = """
         ``reduction="none"`` it is the gradient of the sum of the returned
         losses.
     grad_out : ndarray, optional
-        Array to write the gradient into, returned as the gradient.
+        Array to write the gradient into, returned as the gradient. It is
+        filled even with ``return_grad=False``, and then only the loss is
+        returned.
     n_threads : int, optional
         Thread count. ``None`` uses what OpenMP offers.
 
@@ -269,10 +278,12 @@ def _overlap_loss(
         grad_scale = 1.0
 
     grad = grad_view = grad_base = None
-    if return_grad:
+    # A grad_out is filled even with return_grad=False, as NumPy's out= is.
+    write_grad = return_grad or grad_out is not None
+    if write_grad:
         grad = grad_out if grad_out is not None else np.empty(logits.shape, dtype)
         grad_view, grad_base = _grad_view(grad, grad_axis)
-    kernel_grad = grad_view if grad_view is not None else logits3
+    kernel_grad = grad_view if grad_view is not None else _PLACEHOLDERS[dtype]
     a, k_i, k_p, k_y = coefficients
     has_ignore = ignore is not None
 
@@ -280,7 +291,7 @@ def _overlap_loss(
         total, bad = _overlap.overlap_index(
             logits3, target_view, n_samples, has_ignore,
             ignore if has_ignore else 0, a, k_i, k_p, k_y, smooth, eps, grad_scale,
-            losses, kernel_grad, return_grad, nt,
+            losses, kernel_grad, write_grad, nt,
         )
         if bad >= 0:
             _raise_bad_index(original_target, bad, n_classes)
@@ -288,7 +299,7 @@ def _overlap_loss(
         total = _overlap.overlap_dense(
             logits3, target_view, n_samples, kind == "softmax", has_ignore,
             float(ignore) if has_ignore else 0.0, a, k_i, k_p, k_y, smooth, eps,
-            grad_scale, losses, kernel_grad, return_grad, nt,
+            grad_scale, losses, kernel_grad, write_grad, nt,
         )
     if grad_base is not None and grad_base is not grad:
         grad[...] = grad_base.reshape(grad.shape)

@@ -59,7 +59,9 @@ def binary_cross_entropy_with_logits(
     return_grad : bool
         Also return the gradient with respect to ``logits``.
     grad_out : ndarray, optional
-        Array to write the gradient into, returned as the gradient.
+        Array to write the gradient into, returned as the gradient. It is
+        filled even with ``return_grad=False``, and then only the loss is
+        returned.
     n_threads : int, optional
         Thread count. ``None`` uses what OpenMP offers.
 
@@ -216,7 +218,9 @@ def _run(call, arrays, logits, reduction, return_grad, grad_out):
     if write_loss:
         loss_out = np.empty_like(logits, dtype=dtype)
         outputs.append(loss_out)
-    if return_grad:
+    # A grad_out is filled even with return_grad=False, as NumPy's out= is.
+    write_grad = return_grad or grad_out is not None
+    if write_grad:
         grad = grad_out if grad_out is not None else np.empty_like(logits, dtype=dtype)
         outputs.append(grad)
 
@@ -224,9 +228,9 @@ def _run(call, arrays, logits, reduction, return_grad, grad_out):
     out_views = views[len(arrays):]
     placeholder = _PLACEHOLDERS[dtype]
     loss_view = out_views[0] if write_loss else placeholder
-    grad_view = out_views[-1] if return_grad else placeholder
+    grad_view = out_views[-1] if write_grad else placeholder
     grad_scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
-    total = call(views, loss_view, write_loss, grad_view, return_grad, grad_scale)
+    total = call(views, loss_view, write_loss, grad_view, write_grad, grad_scale)
 
     for output, view in zip(outputs, out_views):
         if not np.may_share_memory(output, view):

@@ -579,6 +579,27 @@ def test_grad_out_is_used(rng, mode):
     np.testing.assert_array_equal(strided, expected)
 
 
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_grad_out_filled_without_return_grad(rng, mode):
+    logits, target = make_case(rng, mode)
+    expected_loss, expected_grad = fl.dice_loss(logits, target, mode=mode,
+                                                return_grad=True)
+    out = np.full(logits.shape, np.nan)
+    loss = fl.dice_loss(logits, target, mode=mode, grad_out=out)
+    assert loss == expected_loss
+    np.testing.assert_array_equal(out, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_read_only_inputs_without_grad(rng, name, mode):
+    logits, target = make_case(rng, mode)
+    expected = LOSSES[name](logits, target, mode=mode)
+    logits.flags.writeable = False
+    target.flags.writeable = False
+    assert LOSSES[name](logits, target, mode=mode) == expected
+
+
 def test_bad_index_leaves_grad_out_untouched(rng):
     logits, target = make_case(rng, "multiclass")
     target[1, 2, 3] = 9

@@ -436,6 +436,26 @@ def test_grad_out_is_used(rng, name):
     np.testing.assert_array_equal(strided, expected)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_grad_out_filled_without_return_grad(rng, name):
+    x, y = make_data(rng)
+    expected_loss, expected_grad = LOSSES[name](x, y, return_grad=True)
+    out = np.full(x.shape, np.nan)
+    loss = LOSSES[name](x, y, grad_out=out)
+    assert loss == expected_loss
+    np.testing.assert_array_equal(out, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_read_only_inputs_without_grad(rng, name, reduction):
+    x, y = make_data(rng)
+    expected = LOSSES[name](x, y, reduction=reduction)
+    x.flags.writeable = False
+    y.flags.writeable = False
+    np.testing.assert_array_equal(LOSSES[name](x, y, reduction=reduction), expected)
+
+
 # ------------------------------------------------------------------ errors
 
 
