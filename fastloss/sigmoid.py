@@ -1,6 +1,6 @@
 """Sigmoid losses on logits: binary cross-entropy and the focal loss.
 
-Each function validates its inputs, lays them out as 2-D strided views that
+Each function validates its inputs, lays them out as 3-D strided views that
 one compiled kernel walks in step, and returns the loss, or ``(loss, grad)``
 from the same pass.
 """
@@ -12,8 +12,8 @@ from ._kernels import _sigmoid
 
 # Stand-ins for the arrays that a kernel call does not read or write.
 _PLACEHOLDERS = {
-    np.dtype(np.float32): np.zeros((1, 1), np.float32),
-    np.dtype(np.float64): np.zeros((1, 1), np.float64),
+    np.dtype(np.float32): np.zeros((1, 1, 1), np.float32),
+    np.dtype(np.float64): np.zeros((1, 1, 1), np.float64),
 }
 
 
@@ -205,9 +205,9 @@ def _broadcast_weight(weight, name, shape, dtype):
 
 
 def _run(call, arrays, logits, reduction, return_grad, grad_out):
-    """Allocate the outputs, run ``call`` on 2-D views and reduce the result.
+    """Allocate the outputs, run ``call`` on 3-D views and reduce the result.
 
-    The outputs join ``arrays`` in one ``as_2d_views`` call, so the kernel
+    The outputs join ``arrays`` in one ``as_3d_views`` call, so the kernel
     visits them in the inputs' order. When that call had to copy an output
     to C order, the result is copied back into the caller's array.
     """
@@ -224,7 +224,7 @@ def _run(call, arrays, logits, reduction, return_grad, grad_out):
         grad = grad_out if grad_out is not None else np.empty_like(logits, dtype=dtype)
         outputs.append(grad)
 
-    views = v.as_2d_views(arrays + outputs)
+    views = v.as_3d_views(arrays + outputs)
     out_views = views[len(arrays):]
     placeholder = _PLACEHOLDERS[dtype]
     loss_view = out_views[0] if write_loss else placeholder

@@ -1,3 +1,4 @@
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -400,6 +401,28 @@ def test_bce_zero_stride_logits(rng):
         loss, bce_reference(x, y, pos_weight=np.arange(1.0, 6.0)).mean(), rtol=1e-12
     )
     assert grad.shape == (300, 5)
+
+
+@pytest.mark.parametrize("weight_shape", [(1, 64, 1), (64, 1), (1, 1, 256), ()])
+def test_bce_broadcast_weight_is_not_copied(rng, weight_shape):
+    # 2**20 float64 logits are 8 MiB, and a copy of a broadcast weight would
+    # be as big, so the peak of NumPy's traced allocations shows any copy.
+    x = rng.standard_normal((64, 64, 256))
+    y = (rng.random(x.shape) < 0.5).astype(np.float64)
+    weight = rng.random(weight_shape)
+    pos_weight = rng.random(256) + 0.5
+    tracemalloc.start()
+    try:
+        loss = fl.binary_cross_entropy_with_logits(
+            x, y, weight=weight, pos_weight=pos_weight
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
+    np.testing.assert_allclose(
+        loss, bce_reference(x, y, weight, pos_weight).mean(), rtol=1e-11
+    )
 
 
 @pytest.mark.parametrize("name", LOSSES)

@@ -4,7 +4,7 @@
 #   1. Scalar functions on double (``bce_point``, ``focal_point``) return one
 #      element's loss and store its derivative with respect to the logit.
 #   2. Block functions (``bce_block``, ``focal_block``) walk one BLOCK_SIZE
-#      block of the flat iteration space of ``(rows, cols)`` views, write the
+#      block of the flat iteration space of 3-D views, write the
 #      per-element loss and gradient where asked, and return the block's sum.
 #   3. The ``def`` kernels run the blocks under ``prange`` and combine the
 #      block sums with ``sum_partials``, so the total is bit-identical for
@@ -12,8 +12,8 @@
 #
 # The Python wrapper has already cast every array to one float dtype, checked
 # the shapes, broadcast ``weight`` and ``pos_weight`` to zero-stride views,
-# and turned all arrays into 2-D views that visit the elements in the same
-# order. ``grad_scale`` carries the ``mean`` scaling (1/n) into the gradient,
+# and turned all arrays into 3-D views (``as_3d_views``) that visit the
+# elements in the same order. ``grad_scale`` carries the ``mean`` scaling (1/n) into the gradient,
 # and the wrapper divides the returned sum itself.
 
 from cython.parallel cimport prange
@@ -99,93 +99,103 @@ cdef inline double focal_point(double z, double y, double alpha, double gamma,
 
 
 cdef double bce_block(
-    const floating[:, :] logits,
-    const floating[:, :] target,
-    const floating[:, :] weight,
-    const floating[:, :] pos_weight,
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    const floating[:, :, :] weight,
+    const floating[:, :, :] pos_weight,
     bint has_weight,
     bint has_pos_weight,
-    floating[:, :] loss_out,
+    floating[:, :, :] loss_out,
     bint write_loss,
-    floating[:, :] grad,
+    floating[:, :, :] grad,
     bint write_grad,
     double grad_scale,
     Py_ssize_t start,
     Py_ssize_t stop,
 ) noexcept nogil:
-    cdef Py_ssize_t cols = logits.shape[1]
-    cdef Py_ssize_t r = start // cols
-    cdef Py_ssize_t c = start - r * cols
+    cdef Py_ssize_t n1 = logits.shape[1]
+    cdef Py_ssize_t n2 = logits.shape[2]
+    cdef Py_ssize_t i0 = start // (n1 * n2)
+    cdef Py_ssize_t i1 = (start - i0 * n1 * n2) // n2
+    cdef Py_ssize_t i2 = start - (i0 * n1 + i1) * n2
     cdef Py_ssize_t k
     cdef double w, pw, loss, dz
     cdef double acc = 0.0
 
     for k in range(start, stop):
-        w = weight[r, c] if has_weight else 1.0
-        pw = pos_weight[r, c] if has_pos_weight else 1.0
+        w = weight[i0, i1, i2] if has_weight else 1.0
+        pw = pos_weight[i0, i1, i2] if has_pos_weight else 1.0
         if w == 0.0:
             # A zero weight drops the element whatever its values, NaN too.
             loss = 0.0
             dz = 0.0
         else:
-            loss = w * bce_point(logits[r, c], target[r, c], pw, &dz)
+            loss = w * bce_point(logits[i0, i1, i2], target[i0, i1, i2], pw, &dz)
             dz = w * dz
         acc += loss
         if write_loss:
-            loss_out[r, c] = <floating>loss
+            loss_out[i0, i1, i2] = <floating>loss
         if write_grad:
-            grad[r, c] = <floating>(grad_scale * dz)
-        c += 1
-        if c == cols:
-            c = 0
-            r += 1
+            grad[i0, i1, i2] = <floating>(grad_scale * dz)
+        i2 += 1
+        if i2 == n2:
+            i2 = 0
+            i1 += 1
+            if i1 == n1:
+                i1 = 0
+                i0 += 1
     return acc
 
 
 cdef double focal_block(
-    const floating[:, :] logits,
-    const floating[:, :] target,
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
     double alpha,
     double gamma,
-    floating[:, :] loss_out,
+    floating[:, :, :] loss_out,
     bint write_loss,
-    floating[:, :] grad,
+    floating[:, :, :] grad,
     bint write_grad,
     double grad_scale,
     Py_ssize_t start,
     Py_ssize_t stop,
 ) noexcept nogil:
-    cdef Py_ssize_t cols = logits.shape[1]
-    cdef Py_ssize_t r = start // cols
-    cdef Py_ssize_t c = start - r * cols
+    cdef Py_ssize_t n1 = logits.shape[1]
+    cdef Py_ssize_t n2 = logits.shape[2]
+    cdef Py_ssize_t i0 = start // (n1 * n2)
+    cdef Py_ssize_t i1 = (start - i0 * n1 * n2) // n2
+    cdef Py_ssize_t i2 = start - (i0 * n1 + i1) * n2
     cdef Py_ssize_t k
     cdef double loss, dz
     cdef double acc = 0.0
 
     for k in range(start, stop):
-        loss = focal_point(logits[r, c], target[r, c], alpha, gamma, &dz)
+        loss = focal_point(logits[i0, i1, i2], target[i0, i1, i2], alpha, gamma, &dz)
         acc += loss
         if write_loss:
-            loss_out[r, c] = <floating>loss
+            loss_out[i0, i1, i2] = <floating>loss
         if write_grad:
-            grad[r, c] = <floating>(grad_scale * dz)
-        c += 1
-        if c == cols:
-            c = 0
-            r += 1
+            grad[i0, i1, i2] = <floating>(grad_scale * dz)
+        i2 += 1
+        if i2 == n2:
+            i2 = 0
+            i1 += 1
+            if i1 == n1:
+                i1 = 0
+                i0 += 1
     return acc
 
 
 def bce_with_logits(
-    const floating[:, :] logits,
-    const floating[:, :] target,
-    const floating[:, :] weight,
-    const floating[:, :] pos_weight,
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    const floating[:, :, :] weight,
+    const floating[:, :, :] pos_weight,
     bint has_weight,
     bint has_pos_weight,
-    floating[:, :] loss_out,
+    floating[:, :, :] loss_out,
     bint write_loss,
-    floating[:, :] grad,
+    floating[:, :, :] grad,
     bint write_grad,
     double grad_scale,
     int n_threads,
@@ -196,7 +206,7 @@ def bce_with_logits(
     ``loss_out`` and ``grad`` are written only when theirs is, so callers may
     pass any array of the dtype in their place.
     """
-    cdef Py_ssize_t n = logits.shape[0] * logits.shape[1]
+    cdef Py_ssize_t n = logits.shape[0] * logits.shape[1] * logits.shape[2]
     cdef Py_ssize_t nb = n_blocks(n)
     cdef int nt = threads_for(n, n_threads)
     cdef double* partials
@@ -221,13 +231,13 @@ def bce_with_logits(
 
 
 def sigmoid_focal(
-    const floating[:, :] logits,
-    const floating[:, :] target,
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
     double alpha,
     double gamma,
-    floating[:, :] loss_out,
+    floating[:, :, :] loss_out,
     bint write_loss,
-    floating[:, :] grad,
+    floating[:, :, :] grad,
     bint write_grad,
     double grad_scale,
     int n_threads,
@@ -236,7 +246,7 @@ def sigmoid_focal(
 
     ``alpha < 0`` turns the class balance off.
     """
-    cdef Py_ssize_t n = logits.shape[0] * logits.shape[1]
+    cdef Py_ssize_t n = logits.shape[0] * logits.shape[1] * logits.shape[2]
     cdef Py_ssize_t nb = n_blocks(n)
     cdef int nt = threads_for(n, n_threads)
     cdef double* partials
