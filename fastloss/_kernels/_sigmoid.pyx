@@ -24,44 +24,44 @@ from libc.stdlib cimport malloc, free
 from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
 
 
-cdef inline double softplus(double x) noexcept nogil:
-    # log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)): exp never overflows,
-    # and for x = -1e4 the result is exp(x) rounded, not 0 from log(1 + tiny).
-    if x > 0.0:
-        return x + log1p(exp(-x))
-    return log1p(exp(x))
+cdef inline void logistic_terms(double z, double* sp_pos, double* sp_neg,
+                                double* p, double* q) noexcept nogil:
+    # softplus(z), softplus(-z), p = sigmoid(z) and q = sigmoid(-z) from one
+    # exp and one log1p. softplus(x) = max(x, 0) + log1p(exp(-|x|)): exp never
+    # overflows, and softplus(-50) keeps exp(-50) where log(1 + tiny) gives 0.
+    # p and q are formed separately, so neither suffers cancellation.
+    cdef double e = exp(-fabs(z))
+    cdef double tail = log1p(e)
 
-
-cdef inline double scaled_softplus(double a, double x) noexcept nogil:
-    # a * softplus(x) with 0 * softplus(inf) taken as 0, its limit, so an
-    # infinite logit on the side its label does not weigh costs nothing.
-    if a == 0.0:
-        return 0.0
-    return a * softplus(x)
-
-
-cdef inline void sigmoid_pair(double z, double* p, double* q) noexcept nogil:
-    # p = sigmoid(z) and q = 1 - p = sigmoid(-z), each without cancellation.
-    cdef double e
     if z >= 0.0:
-        e = exp(-z)
+        sp_pos[0] = z + tail
+        sp_neg[0] = tail
         p[0] = 1.0 / (1.0 + e)
         q[0] = e / (1.0 + e)
     else:
-        e = exp(z)
+        sp_pos[0] = tail
+        sp_neg[0] = tail - z
         p[0] = e / (1.0 + e)
         q[0] = 1.0 / (1.0 + e)
+
+
+cdef inline double weighted(double a, double softplus_value) noexcept nogil:
+    # a * softplus with 0 * inf taken as 0, its limit, so an infinite logit on
+    # the side that its label does not weigh costs nothing.
+    if a == 0.0:
+        return 0.0
+    return a * softplus_value
 
 
 cdef inline double bce_point(double z, double y, double pos_weight,
                              double* dz) noexcept nogil:
     # loss = (1 - y) * softplus(z) + pos_weight * y * softplus(-z), which is
     # -[pos_weight * y * log(sigmoid(z)) + (1 - y) * log(1 - sigmoid(z))].
-    cdef double p, q
+    cdef double sp_pos, sp_neg, p, q
 
-    sigmoid_pair(z, &p, &q)
+    logistic_terms(z, &sp_pos, &sp_neg, &p, &q)
     dz[0] = (1.0 - y) * p - pos_weight * y * q
-    return scaled_softplus(1.0 - y, z) + scaled_softplus(pos_weight * y, -z)
+    return weighted(1.0 - y, sp_pos) + weighted(pos_weight * y, sp_neg)
 
 
 cdef inline double focal_point(double z, double y, double alpha, double gamma,
@@ -76,10 +76,10 @@ cdef inline double focal_point(double z, double y, double alpha, double gamma,
     # combination of p and q, so m**(gamma - 1) never appears and the
     # gradient stays finite for 0 < gamma < 1. m rounds to 0 only where
     # p * q does too, and there the second term is 0.
-    cdef double p, q, m, r, ce, focal, alpha_t
+    cdef double sp_pos, sp_neg, p, q, m, r, ce, focal, alpha_t
 
-    sigmoid_pair(z, &p, &q)
-    ce = scaled_softplus(1.0 - y, z) + scaled_softplus(y, -z)
+    logistic_terms(z, &sp_pos, &sp_neg, &p, &q)
+    ce = weighted(1.0 - y, sp_pos) + weighted(y, sp_neg)
     m = p * (1.0 - y) + q * y
     focal = pow(m, gamma)
     if m > 0.0:
