@@ -2,6 +2,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastloss as fl
 
@@ -727,3 +729,32 @@ def test_concurrent_calls_bit_identical(rng):
     for loss, grad in results:
         assert loss.tobytes() == expected_loss.tobytes()
         assert grad.tobytes() == expected_grad.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    name=st.sampled_from(sorted(LOSSES)),
+    mode=st.sampled_from(["multiclass", "multilabel", "binary"]),
+    n=st.integers(1, 3),
+    n_classes=st.integers(1, 4),
+    length=st.integers(0, 6),
+    per_sample=st.booleans(),
+    smooth=st.sampled_from([0.0, 0.5]),
+    use_ignore=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_random_cases_match_numpy_reference(name, mode, n, n_classes, length,
+                                            per_sample, smooth, use_ignore, seed):
+    rng = np.random.default_rng(seed)
+    if mode == "binary":
+        n_classes = 1
+    logits, target = make_case(rng, mode, shape=(n, n_classes, length), absent=(),
+                               ignore=-1 if use_ignore else None)
+    kwargs = dict(mode=mode, per_sample=per_sample, smooth=smooth,
+                  reduction="none", **loss_kwargs(name))
+    if use_ignore:
+        kwargs["ignore_index"] = -1
+    loss, grad = LOSSES[name](logits, target, return_grad=True, **kwargs)
+    expected = numpy_reference(name, logits, target, **kwargs)
+    np.testing.assert_allclose(loss, expected, rtol=1e-12, atol=1e-14)
+    assert np.all(np.isfinite(grad))
