@@ -1,4 +1,8 @@
-"""The checks of ``diagnose`` for ``binary_cross_entropy_with_logits``."""
+"""The checks of ``diagnose`` for the sigmoid losses.
+
+They cover ``binary_cross_entropy_with_logits`` and the overlap losses on
+logits with one class channel.
+"""
 
 import math
 
@@ -9,6 +13,7 @@ from ._diagnose_common import (
     LOSS_MARGIN,
     MAJORITY,
     MIN_BALANCE_POSITIONS,
+    OVERLAP_LOSSES,
     RARE_CLASS_FRACTION,
     VANISHING_GRAD_RMS,
     add_nonfinite_target,
@@ -24,9 +29,26 @@ from ._kernels import _stats
 from ._validation import as_2d_views
 
 def diagnose_sigmoid(report, logits, target, axis, n_threads):
-    """Add the findings and statistics of the sigmoid loss to ``report``."""
+    """Add the findings and statistics of a sigmoid loss to ``report``.
+
+    The loss is ``binary_cross_entropy_with_logits``, or an overlap loss on
+    one class channel, which is read in its ``mode="binary"``.
+    """
     stats = report.stats
     shape = logits.shape
+    binary_overlap = report.loss_name in OVERLAP_LOSSES
+    if binary_overlap:
+        report.add(
+            "binary-mode",
+            "info",
+            f"the logits have 1 class channel along axis {axis}, so this report"
+            f" reads {report.loss_name} in mode='binary' (a sigmoid per"
+            " position). In mode='multiclass' the softmax over one channel is 1"
+            " everywhere and the loss does not train.",
+            f"call {report.loss_name} with mode='binary'.",
+        )
+        if target.shape == shape_without_axis(shape, axis):
+            target = np.expand_dims(target, axis)
     if target.shape != shape:
         index_shape = shape_without_axis(shape, axis)
         if target.shape == index_shape and target.dtype.kind in "iu":
@@ -45,7 +67,7 @@ def diagnose_sigmoid(report, logits, target, axis, n_threads):
             fix = "pass a target of the logits' shape; no broadcasting is done."
             message = (
                 f"target shape {target.shape} does not match logits shape {shape};"
-                " binary_cross_entropy_with_logits needs the same shape."
+                f" {report.loss_name} needs the same shape."
             )
         report.add("target-shape-mismatch", "error", message, fix)
         t = np.zeros(shape, dtype=logits.dtype)
@@ -96,7 +118,7 @@ def diagnose_sigmoid(report, logits, target, axis, n_threads):
             "error",
             f"{n_in} of {n_finite} logits ({pct(n_in / n_finite)}) lie"
             " strictly between 0 and 1: they look like sigmoid probabilities, and"
-            " binary_cross_entropy_with_logits applies a sigmoid again.",
+            f" {report.loss_name} applies a sigmoid again.",
             "pass the raw scores from before the final sigmoid.",
         )
     if not has_target:
@@ -130,11 +152,14 @@ def diagnose_sigmoid(report, logits, target, axis, n_threads):
             )
             report.add(
                 "class-imbalance",
-                "warning",
+                "info" if binary_overlap else "warning",
                 f"{n_pos} of {n_target} targets ({pct(pos)}) are positive"
                 f" (above 0.5) and {n_neg} negative.",
                 f"{suggestion}, or use dice_loss or sigmoid_focal_loss.",
             )
+    if binary_overlap:
+        # The cross-entropy checks below do not apply to an overlap loss.
+        return
     mean_loss = stats["loss"]
     if mean_loss is not None and mean_loss > LOSS_FACTOR * math.log(2) + LOSS_MARGIN:
         report.add(

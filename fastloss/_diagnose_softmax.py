@@ -458,13 +458,10 @@ def _check_single_channel(report, n_classes):
     if n_classes != 1:
         return
     loss = report.loss_name
-    if loss in OVERLAP_LOSSES:
-        fix = f"call {loss} with mode='binary', which applies a sigmoid."
-    else:
-        fix = (
-            "use binary_cross_entropy_with_logits for a one-channel output, or"
-            " give the model two output channels."
-        )
+    fix = (
+        "use binary_cross_entropy_with_logits for a one-channel output, or"
+        " give the model two output channels."
+    )
     report.add(
         "single-class-channel",
         "error",

@@ -13,7 +13,14 @@ import operator
 
 import numpy as np
 
-from ._diagnose_common import LOSSES, SEVERITIES, SIGMOID_LOSSES, Finding, Report
+from ._diagnose_common import (
+    LOSSES,
+    OVERLAP_LOSSES,
+    SEVERITIES,
+    SIGMOID_LOSSES,
+    Finding,
+    Report,
+)
 from ._diagnose_sigmoid import diagnose_sigmoid
 from ._diagnose_softmax import diagnose_softmax
 from ._validation import as_array, as_float_array, normalize_axis, resolve_n_threads
@@ -164,7 +171,9 @@ def diagnose(
     info
         ``log-probabilities`` (log_softmax output: the softmax losses give
         the same values on it), ``masked-logits`` (-inf logits that mask
-        classes), ``classes-absent``.
+        classes), ``classes-absent``, ``binary-mode`` (an overlap loss on one
+        class channel, read in its ``mode="binary"`` with the sigmoid
+        checks).
 
     ``stats["loss"]`` is the mean softmax cross-entropy for the softmax
     losses, whichever of them ``loss`` names, and the mean sigmoid
@@ -207,7 +216,9 @@ def diagnose(
     logits = as_float_array(logits, "logits")
 
     report = Report(loss_name)
-    if loss_name in SIGMOID_LOSSES:
+    if loss_name in SIGMOID_LOSSES or (
+        loss_name in OVERLAP_LOSSES and logits.shape[axis] == 1
+    ):
         diagnose_sigmoid(report, logits, target, axis, n_threads)
     else:
         diagnose_softmax(

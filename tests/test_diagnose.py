@@ -127,11 +127,22 @@ class TestLogitFindings:
         assert d.stats["loss"] == 0.0
         assert d.stats["grad_norm"] == 0.0
 
-    def test_single_class_channel_dice(self, rng):
-        logits = rng.normal(size=(4, 1, 8)).astype(np.float32)
-        d = fl.diagnose(logits, np.zeros((4, 8), dtype=np.int64), loss="dice_loss")
-        f = finding(d, "single-class-channel")
+    def test_one_channel_dice_reads_binary_mode(self, rng):
+        logits = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
+        mask = (rng.random((4, 8, 8)) < 0.4).astype(np.int64)
+        d = fl.diagnose(logits, mask, loss="dice_loss")
+        f = finding(d, "binary-mode")
+        assert f.severity == "info"
         assert "mode='binary'" in f.fix
+        assert d.ok, str(d)
+        assert d.stats["target_class_frequencies"] == [1 - mask.mean(), mask.mean()]
+
+    def test_one_channel_dice_with_0_255_mask(self, rng):
+        logits = rng.normal(size=(4, 1, 8, 8)).astype(np.float32)
+        mask = np.where(rng.random((4, 8, 8)) < 0.4, 255, 0).astype(np.uint8)
+        d = fl.diagnose(logits, mask, loss="dice_loss")
+        f = finding(d, "target-not-probabilities")
+        assert "divide the mask by 255" in f.fix
 
 
 class TestTargetValueFindings:
@@ -436,6 +447,14 @@ class TestSigmoidFindings:
         d = fl.diagnose(logits, target, loss="binary_cross_entropy_with_logits")
         assert d.ok, str(d)
         assert d.stats["loss"] == pytest.approx(math.log(2))
+
+    def test_matches_fastloss_loss(self, rng):
+        logits = rng.normal(scale=2, size=(6, 3, 5))
+        target = rng.random((6, 3, 5))
+        d = fl.diagnose(logits, target, loss="binary_cross_entropy_with_logits")
+        loss, grad = fl.binary_cross_entropy_with_logits(logits, target, return_grad=True)
+        assert d.stats["loss"] == pytest.approx(float(loss), rel=1e-12)
+        assert d.stats["grad_norm"] == pytest.approx(np.linalg.norm(grad), rel=1e-10)
 
     def test_sigmoid_applied_twice(self, rng):
         logits = 1 / (1 + np.exp(-rng.normal(size=(8, 16))))
