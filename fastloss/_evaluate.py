@@ -166,6 +166,12 @@ def evaluate(
         ``"weight_sum"``.
     """
     params = dict(params or {})
+    # Plain ndarray views of memory maps take the losses' fast paths for
+    # C-contiguous ndarrays, so a file gives the same bits as in memory.
+    pred, target, weight = (
+        a.view(np.ndarray) if isinstance(a, np.memmap) else a
+        for a in (pred, target, weight)
+    )
     plan = _make_plan(func, loss_name, pred, target, weight, reduction, params)
     rows = 0 if plan is None else fio.rows_per_chunk(pred.shape, chunk_elements)
     if plan is None or rows >= pred.shape[0]:
