@@ -417,13 +417,13 @@ def _run_demo(args, extra):
 
 
 def _add_bench(subparsers):
+    # --help and every option other than --quick belong to
+    # fastloss.benchmarks, so they are passed on rather than parsed here.
     parser = subparsers.add_parser(
         "bench",
-        help="time the losses against NumPy and PyTorch",
-        description=(
-            "Run the fastloss benchmarks. Arguments after --quick are passed"
-            " on to fastloss.benchmarks."
-        ),
+        add_help=False,
+        help="time the losses against NumPy, PyTorch and other installed"
+             " implementations",
     )
     parser.add_argument("--quick", action="store_true",
                         help="run a short subset of the benchmarks")

@@ -824,6 +824,18 @@ def test_bench_forwards_arguments(capsys, monkeypatch):
     assert received == [["--quick", "--only", "mse_loss"]]
 
 
+def test_bench_forwards_help(monkeypatch):
+    received = []
+    module = types.ModuleType("fastloss.benchmarks")
+    module.main = received.append
+    monkeypatch.setitem(sys.modules, "fastloss.benchmarks", module)
+
+    status = cli.main(["bench", "--help"])
+
+    assert status == 0
+    assert received == [["--help"]]
+
+
 def test_bench_without_benchmarks_module(capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "fastloss.benchmarks", None)
 
