@@ -450,7 +450,10 @@ def _run_bench(args, extra):
 
 # --- entry point -------------------------------------------------------------
 
-# Each entry adds one subcommand to the parser, in the order of --help.
+# Each entry adds one subcommand to the parser, in the order of --help. The
+# run function that a subcommand registers returns the exit status, so a
+# command may exit with 1 for a finding in its input, apart from the 2 that
+# every usage or input error gets.
 SUBCOMMANDS = [_add_eval, _add_demo, _add_bench]
 
 

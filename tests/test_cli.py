@@ -750,6 +750,25 @@ def test_cross_entropy_channels_last(capsys, tmp_path, rng):
 
 
 @needs_cross_entropy
+def test_cross_entropy_weight_as_list(capsys, tmp_path, rng):
+    logits = rng.standard_normal((12, 3))
+    target = rng.integers(0, 3, 12)
+    np.save(tmp_path / "logits.npy", logits)
+    np.save(tmp_path / "target.npy", target)
+
+    report = _eval_json(capsys, "cross_entropy", tmp_path / "logits.npy",
+                        tmp_path / "target.npy", "--param", "weight=0.5,1,2",
+                        "--chunk-size", 9)
+
+    expected = fl.cross_entropy(logits, target, weight=np.array([0.5, 1.0, 2.0]))
+    assert report["chunks"] == 4
+    assert report["params"] == {"weight": [0.5, 1, 2]}
+    np.testing.assert_allclose(report["loss"], float(expected), rtol=1e-12)
+    np.testing.assert_allclose(report["weight_sum"],
+                               np.array([0.5, 1.0, 2.0])[target].sum())
+
+
+@needs_cross_entropy
 def test_cross_entropy_class_out_of_range(capsys, tmp_path, rng):
     np.save(tmp_path / "logits.npy", rng.standard_normal((10, 3)))
     np.save(tmp_path / "target.npy", np.full(10, 3))
@@ -758,6 +777,87 @@ def test_cross_entropy_class_out_of_range(capsys, tmp_path, rng):
                              tmp_path / "target.npy", "--chunk-size", 6)
 
     _assert_usage_error(status, out, err, "cross_entropy: ")
+
+
+needs_sigmoid = pytest.mark.skipif(
+    not hasattr(fl, "binary_cross_entropy_with_logits"),
+    reason="fastloss has no sigmoid losses yet",
+)
+needs_overlap = pytest.mark.skipif(
+    not hasattr(fl, "dice_loss"), reason="fastloss has no overlap losses yet"
+)
+
+
+@needs_sigmoid
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_chunked_with_broadcast_weights(capsys, tmp_path, rng, reduction):
+    logits = 3.0 * rng.standard_normal((21, 4))
+    target = (rng.random((21, 4)) < 0.4).astype(np.float64)
+    weight = rng.uniform(0.0, 2.0, (21, 1))
+    pos_weight = np.array([1.0, 2.0, 0.5, 3.0])
+    for name, a in (("x", logits), ("y", target), ("w", weight), ("pw", pos_weight)):
+        np.save(tmp_path / f"{name}.npy", a)
+
+    report = _eval_json(
+        capsys, "binary_cross_entropy_with_logits", tmp_path / "x.npy",
+        tmp_path / "y.npy", "--weight", tmp_path / "w.npy",
+        "--param", f"pos_weight=@{tmp_path / 'pw.npy'}", "--reduction", reduction,
+        "--chunk-size", 12, "--grad-out", tmp_path / "g.npy",
+    )
+
+    loss, grad = fl.binary_cross_entropy_with_logits(
+        logits, target, weight=weight, pos_weight=pos_weight, reduction=reduction,
+        return_grad=True,
+    )
+    assert report["chunks"] == 7
+    assert report["n"] == logits.size
+    np.testing.assert_allclose(np.array(report["loss"]), loss, rtol=1e-12)
+    np.testing.assert_allclose(np.load(tmp_path / "g.npy"), grad, rtol=1e-12,
+                               atol=1e-300)
+
+
+@needs_sigmoid
+def test_sigmoid_focal_chunked(capsys, tmp_path, rng):
+    logits = rng.standard_normal((30, 3))
+    target = (rng.random((30, 3)) < 0.3).astype(np.float64)
+    np.save(tmp_path / "x.npy", logits)
+    np.save(tmp_path / "y.npy", target)
+
+    report = _eval_json(capsys, "sigmoid_focal_loss", tmp_path / "x.npy",
+                        tmp_path / "y.npy", "--param", "alpha=-1",
+                        "--param", "gamma=1.5", "--chunk-size", 9)
+
+    expected = fl.sigmoid_focal_loss(logits, target, alpha=-1, gamma=1.5)
+    assert report["chunks"] == 10
+    np.testing.assert_allclose(report["loss"], float(expected), rtol=1e-12)
+
+
+@needs_sigmoid
+def test_sigmoid_focal_takes_no_weight(capsys, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((4, 2)))
+
+    status, out, err = _eval(capsys, "sigmoid_focal_loss", tmp_path / "x.npy",
+                             tmp_path / "x.npy", "--weight", tmp_path / "x.npy")
+
+    _assert_usage_error(status, out, err,
+                        "--weight: sigmoid_focal_loss has no keyword 'weight'")
+
+
+@needs_overlap
+def test_dice_evaluated_whole(capsys, tmp_path, rng):
+    logits = rng.standard_normal((6, 3, 4, 5))
+    target = rng.integers(0, 3, (6, 4, 5))
+    np.save(tmp_path / "x.npy", logits)
+    np.save(tmp_path / "y.npy", target)
+
+    report = _eval_json(capsys, "dice_loss", tmp_path / "x.npy", tmp_path / "y.npy",
+                        "--param", "smooth=1.0", "--chunk-size", 10,
+                        "--grad-out", tmp_path / "g.npy")
+
+    loss, grad = fl.dice_loss(logits, target, smooth=1.0, return_grad=True)
+    assert report["chunks"] == 1
+    assert report["loss"] == float(loss)
+    np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), grad)
 
 
 # --- demo and bench ----------------------------------------------------------
