@@ -27,6 +27,9 @@ import numpy as np
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+# The shell's conventions: 128 + SIGINT, and 1 for a closed output pipe.
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 1
 
 # Keywords that eval sets from its own options, never through --param.
 _MANAGED_KEYWORDS = {
@@ -124,6 +127,9 @@ def _run_eval(args, extra):
     for option, path in (("--grad-out", args.grad_out), ("--loss-out", args.loss_out)):
         if path is not None:
             _check_output_path(option, path, [args.pred, args.target, args.weight])
+    if args.grad_out is not None and args.loss_out is not None:
+        if os.path.abspath(args.grad_out) == os.path.abspath(args.loss_out):
+            raise CommandError("--grad-out and --loss-out must name different files")
 
     pred = _load(fio, args.pred, "PRED")
     target = _load(fio, args.target, "TARGET")
@@ -508,3 +514,13 @@ def main(argv=None):
         if exc.code is None or isinstance(exc.code, int):
             return exc.code or EXIT_OK
         raise
+    except KeyboardInterrupt:
+        print("fastloss: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader of stdout has gone, as with `fastloss eval ... | head`.
+        # Point stdout at devnull so that the interpreter's final flush does
+        # not raise a second time.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE

@@ -558,6 +558,16 @@ def test_grad_out_may_not_overwrite_input(capsys, arrays):
     np.testing.assert_array_equal(np.load(paths["pred"]), pred)
 
 
+def test_grad_out_and_loss_out_differ(capsys, arrays, tmp_path):
+    _, _, _, paths = arrays()
+
+    status, out, err = _eval(capsys, "mse_loss", paths["pred"], paths["target"],
+                             "--reduction", "none", "--grad-out", tmp_path / "a.npy",
+                             "--loss-out", tmp_path / "a.npy")
+
+    _assert_usage_error(status, out, err, "must name different files")
+
+
 def test_grad_out_kept_when_loss_fails(capsys, tmp_path):
     # delta=0 fails in the first chunk, after the temporary file was created.
     np.save(tmp_path / "p.npy", np.zeros(10))
