@@ -19,11 +19,13 @@ A gradient requested with ``grad_path`` is written chunk by chunk into an
 ``.npy`` memory map and rescaled at the end for ``"mean"`` (and for the root
 of ``rmse_loss``).
 
-Some calls are evaluated in one call on the whole (memory-mapped) arrays:
-losses that need sums over the whole array (Dice, Jaccard, Tversky), losses
-not listed in ``STREAMING``, and inputs whose shapes do not line up along
-the first axis. The loss itself then reports any shape error, with the
-shapes of the whole arrays.
+The loss is called once on the whole (memory-mapped) arrays instead for:
+
+- inputs that fit in one chunk;
+- losses that need sums over the whole array (Dice, Jaccard, Tversky) and
+  losses not listed in ``STREAMING``;
+- inputs whose shapes do not line up along the first axis, so that the loss
+  itself reports the shape error with the shapes of the whole arrays.
 """
 
 import inspect
@@ -175,8 +177,8 @@ def evaluate(
     plan = _make_plan(func, loss_name, pred, target, weight, reduction, params)
     rows = 0 if plan is None else fio.rows_per_chunk(pred.shape, chunk_elements)
     if plan is None or rows >= pred.shape[0]:
-        # One chunk covers everything: call the loss itself, which gives the
-        # library's own result bit for bit.
+        # No chunking rule applies, or one chunk covers everything. One call
+        # gives the library's own result bit for bit.
         return _evaluate_whole(func, loss_name, pred, target, weight, reduction,
                                params, grad_path, loss_path)
     return _evaluate_chunks(plan, pred, target, reduction, rows, grad_path,
