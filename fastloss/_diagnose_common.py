@@ -96,7 +96,14 @@ class Report:
         self.stats = {"loss_name": loss_name}
 
     def add(self, code, severity, message, fix):
-        self.findings.append(Finding(code, severity, message, fix))
+        """Record a finding, its message and fix capitalised as sentences."""
+        self.findings.append(
+            Finding(code, severity, _capitalize(message), _capitalize(fix))
+        )
+
+
+def _capitalize(text):
+    return text[:1].upper() + text[1:]
 
 
 def fill_logit_stats(stats, k, s, e):

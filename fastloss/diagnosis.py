@@ -73,10 +73,14 @@ class Diagnosis:
         for f in self.findings:
             counts[f.severity] += 1
         verdict = "ok" if self.ok else "not ok"
+        tally = ", ".join([
+            _plural(counts["error"], "error"),
+            _plural(counts["warning"], "warning"),
+            f"{counts['info']} info",
+        ])
         lines = [
             f"fastloss diagnosis of {self.stats.get('loss_name')}: {verdict}"
-            f" ({counts['error']} errors, {counts['warning']} warnings,"
-            f" {counts['info']} info)"
+            f" ({tally})"
         ]
         for f in self.findings:
             lines.append(f"{f.severity.upper():7} [{f.code}] {f.message}")
@@ -233,6 +237,10 @@ def _check_loss(loss):
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     return loss
+
+
+def _plural(n, word):
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _format_stat(value):

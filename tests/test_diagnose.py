@@ -91,7 +91,7 @@ class TestLogitFindings:
         d = fl.diagnose(logits, target)
         f = finding(d, "masked-target-class")
         assert f.severity == "error"
-        assert "at 3 kept positions" in f.message
+        assert "At 3 kept positions" in f.message
 
     def test_softmax_applied_twice(self, rng):
         raw, target = healthy_batch(rng)
@@ -99,7 +99,7 @@ class TestLogitFindings:
         d = fl.diagnose(probs, target)
         f = finding(d, "probabilities-as-logits")
         assert f.severity == "error"
-        assert "at 256 of 256 positions (100%)" in f.message
+        assert "At 256 of 256 positions (100%)" in f.message
         assert "ln(5) = 1.609" in f.message
         assert d.stats["probability_like_fraction"] == 1.0
 
@@ -114,7 +114,7 @@ class TestLogitFindings:
         d = fl.diagnose(log_softmax(raw, axis=1), target)
         f = finding(d, "log-probabilities")
         assert f.severity == "info"
-        assert "at 256 of 256 positions (100%)" in f.message
+        assert "At 256 of 256 positions (100%)" in f.message
         assert d.ok
 
     def test_single_class_channel(self, rng):
@@ -142,7 +142,7 @@ class TestLogitFindings:
         mask = np.where(rng.random((4, 8, 8)) < 0.4, 255, 0).astype(np.uint8)
         d = fl.diagnose(logits, mask, loss="dice_loss")
         f = finding(d, "target-not-probabilities")
-        assert "divide the mask by 255" in f.fix
+        assert "Divide the mask by 255" in f.fix
 
 
 class TestTargetValueFindings:
@@ -245,7 +245,7 @@ class TestTargetValueFindings:
         f = finding(d, "target-not-probabilities")
         assert f.severity == "error"
         assert "256 of 1280 values lie outside [0, 1] (min 0, max 255)" in f.message
-        assert "divide the mask by 255" in f.fix
+        assert "Divide the mask by 255" in f.fix
 
     def test_integer_one_hot_target(self, rng):
         logits, target = healthy_batch(rng)
@@ -289,7 +289,7 @@ class TestShapeFindings:
         d = fl.diagnose(logits, target)
         f = finding(d, "class-axis-misplaced")
         assert f.severity == "error"
-        assert "target shape (2, 16, 16)" in f.message
+        assert "Target shape (2, 16, 16)" in f.message
         assert "expected (2, 16, 5)" in f.message
         assert "class axis at -1, where the logits have 5 channels" in f.message
         assert "axis=-1" in f.fix
@@ -316,7 +316,7 @@ class TestShapeFindings:
         logits, target = healthy_batch(rng)
         d = fl.diagnose(logits, target[:, None])
         f = finding(d, "target-extra-axis")
-        assert "target shape (4, 1, 8, 8) has a length-1 axis 1" in f.message
+        assert "Target shape (4, 1, 8, 8) has a length-1 axis 1" in f.message
         assert "target.squeeze(1)" in f.fix
         assert d.stats["loss"] is not None
 
@@ -325,7 +325,7 @@ class TestShapeFindings:
         d = fl.diagnose(logits, np.zeros((4, 16, 16), dtype=np.int64))
         f = finding(d, "target-shape-mismatch")
         assert f.severity == "error"
-        assert "target shape (4, 16, 16) fits logits (4, 5, 8, 8)" in f.message
+        assert "Target shape (4, 16, 16) fits logits (4, 5, 8, 8)" in f.message
         assert "class indices of shape (4, 8, 8)" in f.message
         assert d.stats["loss"] is None
         # The logits are still summarised.
@@ -336,7 +336,7 @@ class TestShapeFindings:
         target[...] = -100
         d = fl.diagnose(logits, target)
         f = finding(d, "all-ignored")
-        assert "none of the 256 positions is kept: 256 are ignore_index=-100" in f.message
+        assert "None of the 256 positions is kept: 256 are ignore_index=-100" in f.message
         assert d.stats["loss"] is None
 
     def test_empty_batch(self):
@@ -411,7 +411,7 @@ class TestTrainingFindings:
         d = fl.diagnose(logits, target)
         f = finding(d, "collapsed-predictions")
         share = (target == 2).mean()
-        assert "class 2 is the predicted class at 200 of 200 positions (100%)" in f.message
+        assert "Class 2 is the predicted class at 200 of 200 positions (100%)" in f.message
         assert f"only {100 * share:.3g}% of the target is class 2" in f.message
 
     def test_constant_logits_collapse(self, rng):
@@ -470,7 +470,7 @@ class TestSigmoidFindings:
         f = finding(d, "target-not-probabilities")
         n = int((target == 255).sum())
         assert f"{n} of 128 target values lie outside [0, 1] (min 0, max 255)" in f.message
-        assert "divide the mask by 255" in f.fix
+        assert "Divide the mask by 255" in f.fix
 
     def test_rare_positives(self, rng):
         logits = rng.normal(size=(1, 1, 100, 100)).astype(np.float32)
@@ -768,10 +768,10 @@ class TestDiagnosisApi:
         assert not d.ok
         assert d.has_errors()
         text = str(d)
-        assert text.startswith("fastloss diagnosis of cross_entropy: not ok (2 errors")
+        assert text.startswith("fastloss diagnosis of cross_entropy: not ok (2 errors, 0 warnings")
         assert "[probabilities-as-logits]" in text
         assert "[target-out-of-range]" in text
-        assert "fix: pass ignore_index=255" in text
+        assert "fix: Pass ignore_index=255" in text
         assert "uniform_loss: 1.60944" in text
         assert repr(d).startswith("<Diagnosis ok=False")
 
