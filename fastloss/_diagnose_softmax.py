@@ -505,8 +505,27 @@ def _check_probability_logits(report, logits, axis, n_classes, k):
             f" their log-sum-exp is 0 along axis {axis}: they are"
             " log_softmax output. Since log_softmax is idempotent, the loss"
             " and gradient are the same as on the raw scores.",
-            "nothing to fix; passing raw scores saves one log_softmax.",
+            "nothing to fix. Passing the raw scores saves one log_softmax.",
         )
+    elif (
+        k["n_nonfinite_positions"] == 0
+        and report.stats["logits_min"] >= 0.0
+        and report.stats["logits_max"] <= 1.0
+    ):
+        # Logits in [0, 1] are rare enough that the extra NumPy pass over
+        # the other axes costs nothing on healthy input.
+        moved = _axis_where_rows_sum_to_one(logits, axis)
+        if moved is not None:
+            report.add(
+                "probabilities-as-logits",
+                "error",
+                f"every logit lies in [0, 1] and they sum to 1 along axis"
+                f" {moved}, not along the class axis {axis}: a softmax was"
+                f" applied over the wrong axis, and {report.loss_name} applies"
+                f" its own over axis {axis}.",
+                "pass the raw scores from before the softmax, and check the"
+                f" axis of the model's softmax (it ran over axis {moved}).",
+            )
 
 
 def _uniform_note(stats, n_classes):

@@ -103,6 +103,13 @@ class TestLogitFindings:
         assert "ln(5) = 1.609" in f.message
         assert d.stats["probability_like_fraction"] == 1.0
 
+    def test_softmax_over_wrong_axis(self, rng):
+        raw, target = healthy_batch(rng)
+        d = fl.diagnose(softmax(raw, axis=-1), target)
+        f = finding(d, "probabilities-as-logits")
+        assert "sum to 1 along axis 3, not along the class axis 1" in f.message
+        assert "it ran over axis 3" in f.fix
+
     def test_float16_probabilities(self, rng):
         raw, target = healthy_batch(rng, shape=(2, 40, 4, 4))
         probs = softmax(raw, axis=1).astype(np.float16)
