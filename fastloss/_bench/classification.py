@@ -189,26 +189,33 @@ def cross_entropy_workload(shape, axis, dtype="float32", group="classification",
             Implementation("fastloss", "fastloss", call),
             Implementation("fastloss grad_out", "fastloss", partial(call, grad_out=grad_out)),
         ]
+
         if "numpy-naive" in anchors:
             impls.append(
                 Implementation("naive NumPy", "numpy-naive", partial(_naive_ce, logits, target, axis))
             )
+
         if "numpy-careful" in anchors:
             careful = partial(_careful_ce, logits, target, axis, np.empty_like(logits))
             impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+
         if "torch" in anchors:
             run, extract = _torch_ce(logits, target, axis)
             impls.append(Implementation("PyTorch", "torch", run, extract))
+
         if "sklearn" in anchors and channels_last:
             run, extract = _sklearn_ce(logits, target, ctx["n_threads"])
             impls.append(
                 Implementation("scikit-learn", "sklearn", run, extract, note="HalfMultinomialLoss")
             )
+
         if "jax" in anchors:
             run, extract = _jax_ce(logits, target, axis)
             impls.append(Implementation("JAX", "jax", run, extract))
+
         if "numba" in anchors:
             impls.append(Implementation("numba", "numba", _numba_ce(logits, target, axis)))
+
         return reference_loss, reference_grad, impls
 
     shape_text = "(" + ", ".join(str(n) for n in shape) + ")"
@@ -345,30 +352,37 @@ def bce_workload(n, dtype="float32", group="classification", per_call=False):
                 "fastloss grad_out", "fastloss", partial(call, grad_out=np.empty_like(logits))
             ),
         ]
+
         if "numpy-naive" in anchors:
             impls.append(
                 Implementation("naive NumPy", "numpy-naive", partial(_naive_bce, logits, target))
             )
+
         if "numpy-careful" in anchors:
             careful = partial(
                 _careful_bce, logits, target, np.empty_like(logits), np.empty_like(logits)
             )
             impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+
         if "torch" in anchors:
             run, extract = _torch_bce(logits, target)
             impls.append(Implementation("PyTorch", "torch", run, extract))
+
         if "sklearn" in anchors:
             run = _sklearn_bce(logits, target, ctx["n_threads"])
             impls.append(Implementation("scikit-learn", "sklearn", run, note="HalfBinomialLoss"))
+
         if "jax" in anchors:
             run, extract = _jax_bce(logits, target)
             impls.append(Implementation("JAX", "jax", run, extract))
+
         if "numba" in anchors:
             from . import numba_kernels
 
             grad = np.empty_like(logits)
             kernel = partial(numba_kernels.bce_with_logits_loss_grad, logits, target, grad)
             impls.append(Implementation("numba", "numba", lambda: (kernel(), grad)))
+
         return reference_loss, reference_grad, impls
 
     rows = [{"label": "", "fastloss": "fastloss"}]

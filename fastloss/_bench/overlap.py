@@ -131,15 +131,19 @@ def dice_workload(shape, dtype="float32", group="overlap", per_call=False):
                 "fastloss grad_out", "fastloss", partial(call, grad_out=np.empty_like(logits))
             ),
         ]
+
         if "numpy-naive" in anchors:
             naive = partial(_dice_loss_grad, logits, target)
             impls.append(Implementation("naive NumPy", "numpy-naive", naive))
+
         if "torch" in anchors:
             run, extract = _torch_dice(logits, target)
             impls.append(Implementation("PyTorch", "torch", run, extract))
+
         if "jax" in anchors:
             run, extract = _jax_dice(logits, target)
             impls.append(Implementation("JAX", "jax", run, extract))
+
         return reference_loss, reference_grad, impls
 
     shape_text = "(" + ", ".join(str(n) for n in shape) + ")"

@@ -189,9 +189,11 @@ def _implementations(loss, pred, target, ctx):
             partial(func, pred, target, return_grad=True, grad_out=grad_out, **kwargs),
         ),
     ]
+
     if "numpy-naive" in anchors:
         naive = _naive_mse if loss == "mse_loss" else _naive_huber
         impls.append(Implementation("naive NumPy", "numpy-naive", partial(naive, pred, target)))
+
     if "numpy-careful" in anchors:
         buffer = np.empty_like(pred)
         if loss == "mse_loss":
@@ -201,18 +203,23 @@ def _implementations(loss, pred, target, ctx):
                 _careful_huber, pred, target, buffer, np.empty_like(pred), np.empty_like(pred)
             )
         impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+
     if "torch" in anchors:
         run, extract = _torch_impl(loss, pred, target)
         impls.append(Implementation("PyTorch", "torch", run, extract))
+
     if "sklearn" in anchors:
         run = _sklearn_impl(loss, pred, target, ctx["n_threads"])
         note = "HalfSquaredError (0.5*d**2) scaled by 2" if loss == "mse_loss" else "HuberLoss"
         impls.append(Implementation("scikit-learn", "sklearn", run, note=note))
+
     if "jax" in anchors:
         run, extract = _jax_impl(loss, pred, target)
         impls.append(Implementation("JAX", "jax", run, extract))
+
     if "numba" in anchors:
         impls.append(Implementation("numba", "numba", _numba_impl(loss, pred, target)))
+
     return impls
 
 
@@ -266,15 +273,19 @@ def thread_scaling_workload(n, dtype, max_threads):
                     threads=k,
                 )
             )
+
             if "torch" in anchors:
                 run, extract = _torch_impl("mse_loss", pred, target, threads=k)
                 impls.append(Implementation(f"PyTorch {k}t", "torch", run, extract, threads=k))
+
             if "sklearn" in anchors:
                 run = _sklearn_impl("mse_loss", pred, target, k)
                 impls.append(Implementation(f"scikit-learn {k}t", "sklearn", run, threads=k))
+
             if "numba" in anchors:
                 run = _numba_impl("mse_loss", pred, target, threads=k)
                 impls.append(Implementation(f"numba {k}t", "numba", run, threads=k))
+
         return reference_loss, reference_grad, impls
 
     return Workload(
