@@ -6,9 +6,28 @@ compiled kernel.
 """
 
 from ._kernels._openmp import openmp_enabled
+from .regression import (
+    huber_loss,
+    l1_loss,
+    log_cosh_loss,
+    mse_loss,
+    pinball_loss,
+    rmse_loss,
+    smooth_l1_loss,
+)
+from .softmax import cross_entropy, focal_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "cross_entropy",
+    "focal_loss",
     "openmp_enabled",
+    "mse_loss",
+    "rmse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+    "log_cosh_loss",
+    "pinball_loss",
 ]

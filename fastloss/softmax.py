@@ -1,0 +1,470 @@
+"""Softmax cross-entropy and softmax focal loss.
+
+Both functions take logits with a class axis: ``(C,)``, ``(N, C)`` or
+``(N, C, d1, ..., dk)``, or channels-last with ``axis=-1``. They validate
+every argument and view the arrays as ``(outer, C, inner)``, without a copy
+where the strides allow it. One kernel of ``fastloss._kernels._softmax`` then
+computes the loss and the gradient in one pass.
+"""
+
+import functools
+import math
+import operator
+
+import numpy as np
+
+from ._kernels import _softmax
+from ._validation import (
+    as_array,
+    as_float_array,
+    as_index_array,
+    check_grad_out,
+    check_reduction,
+    check_scalar,
+    class_axis_view,
+    index_view,
+    normalize_axis,
+    resolve_n_threads,
+)
+
+__all__ = ["cross_entropy", "focal_loss"]
+
+
+
+# Placeholder outputs for the kernels' grad and losses arguments when they
+# are not requested, so that the fused kernels still see one dtype.
+_NO_GRAD = {
+    np.dtype(np.float32): np.empty((0, 0, 0), np.float32),
+    np.dtype(np.float64): np.empty((0, 0, 0), np.float64),
+}
+_NO_LOSSES = {
+    np.dtype(np.float32): np.empty((0, 0), np.float32),
+    np.dtype(np.float64): np.empty((0, 0), np.float64),
+}
+
+
+def cross_entropy(
+    logits,
+    target,
+    *,
+    weight=None,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    axis=1,
+    reduction="mean",
+    return_grad=False,
+    grad_out=None,
+    n_threads=None,
+):
+    """Compute the softmax cross-entropy between logits and targets.
+
+    Follows ``torch.nn.functional.cross_entropy``. With ``lp`` the log-softmax
+    of one position's logits over the class axis, ``y`` its class index and
+    ``eps = label_smoothing``, the loss of a position is::
+
+        -(1 - eps) * w[y] * lp[y] - eps / C * sum_c w[c] * lp[c]
+
+    and with class probabilities ``t``, ``-sum_c w[c] * t'[c] * lp[c]`` with
+    ``t' = (1 - eps) * t + eps / C``. ``w`` is ``weight`` or all ones. The
+    log-softmax is shifted by the maximum logit, so logits of any magnitude
+    give a finite loss and gradient.
+
+    Parameters
+    ----------
+    logits : array_like of shape (C,), (N, C) or (N, C, d1, ..., dk)
+        Unnormalized scores. float16 is computed in float32, integers in
+        float64.
+    target : array_like
+        Integer class indices of the logits' shape without the class axis
+        (any integer dtype), or floating class probabilities of the logits'
+        shape.
+    weight : array_like of shape (C,), optional
+        Per-class weights.
+    ignore_index : int, default -100
+        Class-index target that contributes no loss and no gradient and is
+        not counted in the mean. Unused for probability targets.
+    label_smoothing : float in [0, 1], default 0.0
+        Mass moved from the target to the uniform distribution over classes.
+    axis : int, default 1
+        The class axis; ``axis=-1`` reads channels-last data in place. For
+        ``(C,)`` logits the class axis is 0, and ``axis`` must be 0, 1 or -1.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        With class indices, "mean" divides the sum by the kept targets'
+        ``sum(w[y])``; with probabilities, by the number of positions.
+        "none" returns the per-position losses with the index shape.
+    return_grad : bool, default False
+        Also return the gradient of the returned loss with respect to
+        ``logits``, in the compute dtype.
+    grad_out : ndarray, optional
+        Writeable array of the logits' shape and compute dtype that receives
+        the gradient; it is the array returned. It is filled even with
+        ``return_grad=False``, in which case only the loss is returned.
+    n_threads : int, optional
+        OpenMP threads; None uses what OpenMP offers. The result is
+        bit-identical for every count.
+
+    Returns
+    -------
+    loss : numpy scalar of the compute dtype, or ndarray for "none"
+    grad : ndarray, only with ``return_grad=True``
+
+    Raises
+    ------
+    TypeError
+        For a non-numeric input, or a floating target of the index shape.
+    ValueError
+        For mismatched shapes, a class index outside [0, C) that is not
+        ``ignore_index``, or an invalid keyword value.
+
+    Notes
+    -----
+    A mean over zero kept targets, or over a total weight of zero, is nan,
+    with an all-zero gradient and no warning. Ignored positions and
+    positions of zero weight never contribute, even with NaN logits (with
+    ``label_smoothing > 0`` a zero-weight target still takes the smoothing
+    term, as in PyTorch). Where PyTorch computes ``0 * -inf = nan`` for a
+    ``-inf`` logit whose target mass or class weight is 0, this function
+    leaves the class out and returns the limit: no cost and zero gradient.
+
+    Examples
+    --------
+    >>> import numpy as np, fastloss as fl
+    >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
+    >>> loss, grad = fl.cross_entropy(logits, np.array([0, 2]), return_grad=True)
+    >>> round(float(loss), 6)
+    0.168311
+    """
+    x, t, class_axis, probs, dtype = _prepare(logits, target, axis, probabilities=True)
+    reduction = check_reduction(reduction)
+    smoothing = check_scalar(label_smoothing, "label_smoothing", 0.0, 1.0)
+    ignore = _check_ignore_index(ignore_index)
+    n_threads = resolve_n_threads(n_threads)
+    n_classes = x.shape[class_axis]
+    w = _check_weight(weight, n_classes, dtype)
+    grad_out, want_grad = _check_grad_request(return_grad, grad_out, x.shape, dtype)
+
+    if probs:
+        result = _run_probs(
+            x, t, class_axis, w, smoothing, reduction, want_grad, grad_out,
+            n_threads,
+        )
+    else:
+        result = _run_labels(
+            _softmax.cross_entropy_labels, x, t, class_axis, w, ignore, smoothing,
+            reduction, want_grad, grad_out, n_threads,
+        )
+    return result if want_grad == return_grad else result[0]
+
+
+def focal_loss(
+    logits,
+    target,
+    *,
+    gamma=2.0,
+    weight=None,
+    ignore_index=-100,
+    axis=1,
+    reduction="mean",
+    return_grad=False,
+    grad_out=None,
+    n_threads=None,
+):
+    """Compute the softmax focal loss of Lin et al. (2017).
+
+    The loss of a position with class index ``y`` is::
+
+        -w[y] * (1 - p_t)**gamma * log(p_t),   p_t = softmax(logits)[y]
+
+    with ``1 - p_t`` computed as ``-expm1(log p_t)``, which stays accurate as
+    ``p_t`` nears 1. "mean" divides the sum by the kept positions'
+    ``sum(w[y])`` for every ``gamma``, so ``gamma=0`` gives
+    :func:`cross_entropy`. The gradient is finite for every ``gamma >= 0``,
+    including ``0 < gamma < 1`` at ``p_t = 1``, where it tends to 0.
+
+    Parameters
+    ----------
+    logits : array_like of shape (C,), (N, C) or (N, C, d1, ..., dk)
+        Unnormalized scores. float16 is computed in float32, integers in
+        float64.
+    target : array_like of integers
+        Class indices of the logits' shape without the class axis.
+    gamma : float >= 0, default 2.0
+        Focusing parameter.
+    weight : array_like of shape (C,), optional
+        Per-class weights ``w``.
+    ignore_index : int, default -100
+        Class-index target that contributes no loss and no gradient and is
+        not counted in the mean.
+    axis : int, default 1
+        The class axis, as in :func:`cross_entropy`.
+    reduction : {"mean", "sum", "none"}, default "mean"
+    return_grad : bool, default False
+    grad_out : ndarray, optional
+    n_threads : int, optional
+        As in :func:`cross_entropy`.
+
+    Returns
+    -------
+    loss : numpy scalar of the compute dtype, or ndarray for "none"
+    grad : ndarray, only with ``return_grad=True``
+
+    Notes
+    -----
+    PyTorch has no softmax focal loss; the keywords and the reductions follow
+    :func:`cross_entropy`. Class-probability targets are not accepted.
+
+    References
+    ----------
+    T.-Y. Lin, P. Goyal, R. Girshick, K. He, P. Dollar, "Focal Loss for Dense
+    Object Detection", ICCV 2017.
+    """
+    x, t, class_axis, _, dtype = _prepare(logits, target, axis, probabilities=False)
+    gamma = check_scalar(gamma, "gamma", low=0.0)
+    reduction = check_reduction(reduction)
+    ignore = _check_ignore_index(ignore_index)
+    n_threads = resolve_n_threads(n_threads)
+    n_classes = x.shape[class_axis]
+    w = _check_weight(weight, n_classes, dtype)
+    grad_out, want_grad = _check_grad_request(return_grad, grad_out, x.shape, dtype)
+
+    result = _run_labels(
+        _softmax.focal_labels, x, t, class_axis, w, ignore, gamma, reduction,
+        want_grad, grad_out, n_threads,
+    )
+    return result if want_grad == return_grad else result[0]
+
+
+def _prepare(logits, target, axis, probabilities):
+    """Convert and check logits and target.
+
+    Returns ``(x, t, class_axis, probs, dtype)``.
+
+    ``t`` is an int64 index array, or with ``probs`` a float array of the
+    logits' shape in the compute dtype.
+    """
+    x = as_float_array(logits, "logits")
+    if x.ndim == 0:
+        raise ValueError(
+            "logits must have a class axis, of shape (C,), (N, C) or"
+            " (N, C, d1, ..., dk), got a 0-d array"
+        )
+    if x.ndim == 1:
+        if isinstance(axis, (bool, np.bool_)) or not isinstance(
+            axis, (int, np.integer)
+        ):
+            raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+        if axis not in (0, 1, -1):
+            raise ValueError(f"axis must be 0, 1 or -1 for 1-d logits, got {axis}")
+        class_axis = 0
+    else:
+        class_axis = normalize_axis(axis, x.ndim)
+    if x.shape[class_axis] == 0:
+        raise ValueError(
+            f"logits must have at least one class, got shape {x.shape} with"
+            f" 0 classes on axis {class_axis}"
+        )
+
+    index_shape = x.shape[:class_axis] + x.shape[class_axis + 1 :]
+    t = as_array(target, "target")
+    if t.dtype.kind == "f":
+        if t.shape == x.shape and probabilities:
+            return x, as_float_array(t, "target", x.dtype), class_axis, True, x.dtype
+        if t.shape == index_shape:
+            raise TypeError(
+                f"target of shape {t.shape} must hold integer class indices, got"
+                f" dtype {t.dtype}. Convert whole-number labels with"
+                " .astype(np.int64). A floating target is read as class"
+                f" probabilities only with the logits' shape {x.shape}."
+            )
+        if t.shape == x.shape:
+            raise TypeError(
+                f"target must hold integer class indices of shape {index_shape},"
+                f" got dtype {t.dtype}, because focal_loss does not accept class"
+                " probabilities"
+            )
+        raise ValueError(
+            f"target must have shape {index_shape} (class indices) or"
+            f" {x.shape} (class probabilities), got {t.shape}"
+        )
+    if t.shape != index_shape:
+        raise ValueError(
+            f"target of class indices must have shape {index_shape} (the shape"
+            f" of logits {x.shape} without axis {class_axis}), got {t.shape}"
+        )
+    return x, as_index_array(t, "target"), class_axis, False, x.dtype
+
+
+def _check_ignore_index(ignore_index):
+    if isinstance(ignore_index, (bool, np.bool_)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    try:
+        value = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(
+            f"ignore_index must be an int, got {type(ignore_index).__name__}"
+        ) from None
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
+def _check_weight(weight, n_classes, dtype):
+    """Return the class weights as a contiguous array, all ones when None."""
+    if weight is None:
+        return _unit_weight(n_classes, dtype)
+    w = as_float_array(weight, "weight", dtype)
+    if w.shape != (n_classes,):
+        raise ValueError(
+            f"weight must have shape ({n_classes},), one value per class, got"
+            f" {w.shape}"
+        )
+    return np.ascontiguousarray(w)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_weight(n_classes, dtype):
+    # Cached and read-only, so that a call without weight allocates nothing.
+    w = np.ones(n_classes, dtype)
+    w.flags.writeable = False
+    return w
+
+
+def _check_grad_request(return_grad, grad_out, shape, dtype):
+    """Return ``(grad_out, want_grad)``: a grad_out is filled even without
+    return_grad, as NumPy's ``out=`` is."""
+    if grad_out is None:
+        return None, bool(return_grad)
+    return check_grad_out(grad_out, shape, dtype), True
+
+
+def _class_view(a, class_axis):
+    """Return ``(view, base)``: an ``(outer, C, inner)`` view of ``a``.
+
+    ``base`` is ``a`` itself, or the copy that the view reads when the
+    strides of ``a`` could not be walked in place.
+    """
+    if a.flags.c_contiguous:
+        shape = a.shape
+        outer = math.prod(shape[:class_axis])
+        inner = math.prod(shape[class_axis + 1 :])
+        return a.reshape(outer, shape[class_axis], inner), a
+    view, base = class_axis_view(a, class_axis)
+    if any(s % a.itemsize for s in view.strides):
+        base = np.ascontiguousarray(a)
+        return _class_view(base, class_axis)
+    return view, base
+
+
+def _label_view(t, class_axis):
+    if t.flags.c_contiguous:
+        outer = math.prod(t.shape[:class_axis])
+        return t.reshape(outer, -1) if outer else t.reshape(0, 0)
+    return index_view(t, class_axis)
+
+
+def _grad_views(return_grad, grad_out, x, class_axis):
+    """Return ``(grad, view, base)`` for the kernel to write the gradient into."""
+    if not return_grad:
+        return None, _NO_GRAD[x.dtype], None
+    grad = grad_out if grad_out is not None else np.empty(x.shape, x.dtype)
+    view, base = _class_view(grad, class_axis)
+    return grad, view, base
+
+
+def _finish_grad(grad, base):
+    # The kernel wrote a C-order copy when grad_out could not be viewed in place.
+    if base is not grad:
+        grad[...] = base
+
+
+def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
+                return_grad, grad_out, n_threads):
+    """Run a class-index kernel and reduce its result."""
+    dtype = x.dtype
+    xv, _ = _class_view(x, class_axis)
+    tv = _label_view(t, class_axis)
+    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis)
+
+    scale = 1.0
+    if return_grad:
+        # Validate the targets and find the mean's divisor before any write.
+        weight_sum, bad = _softmax.scan_labels(tv, w, ignore, n_threads)
+        if bad >= 0:
+            _raise_bad_label(t, bad, x.shape[class_axis], ignore)
+        if reduction == "mean":
+            if weight_sum == 0.0:
+                grad[...] = 0
+                return dtype.type(np.nan), grad
+            scale = 1.0 / weight_sum
+
+    if reduction == "none":
+        losses = np.empty(t.shape, dtype)
+        lv = _label_view(losses, class_axis)
+    else:
+        losses = None
+        lv = _NO_LOSSES[dtype]
+
+    loss_sum, weight_sum, bad = kernel(
+        xv, tv, w, ignore, param, scale, gv, lv, return_grad, losses is not None,
+        n_threads,
+    )
+    if bad >= 0:
+        _raise_bad_label(t, bad, x.shape[class_axis], ignore)
+    if return_grad:
+        _finish_grad(grad, gbase)
+
+    if reduction == "none":
+        loss = losses
+    elif reduction == "sum":
+        loss = dtype.type(loss_sum)
+    else:
+        loss = dtype.type(loss_sum / weight_sum if weight_sum != 0.0 else np.nan)
+    return (loss, grad) if return_grad else loss
+
+
+def _run_probs(x, t, class_axis, w, smoothing, reduction, return_grad, grad_out,
+               n_threads):
+    """Run the class-probability kernel and reduce its result."""
+    dtype = x.dtype
+    xv, _ = _class_view(x, class_axis)
+    tv, _ = _class_view(t, class_axis)
+    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis)
+    n_positions = xv.shape[0] * xv.shape[2]
+
+    scale = 1.0
+    if reduction == "mean" and return_grad:
+        if n_positions == 0:
+            return dtype.type(np.nan), grad
+        scale = 1.0 / n_positions
+
+    index_shape = x.shape[:class_axis] + x.shape[class_axis + 1 :]
+    if reduction == "none":
+        losses = np.empty(index_shape, dtype)
+        lv = _label_view(losses, class_axis)
+    else:
+        losses = None
+        lv = _NO_LOSSES[dtype]
+
+    loss_sum, _, _ = _softmax.cross_entropy_probs(
+        xv, tv, w, smoothing, scale, gv, lv, return_grad, losses is not None,
+        n_threads,
+    )
+    if return_grad:
+        _finish_grad(grad, gbase)
+
+    if reduction == "none":
+        loss = losses
+    elif reduction == "sum":
+        loss = dtype.type(loss_sum)
+    else:
+        loss = dtype.type(loss_sum / n_positions if n_positions else np.nan)
+    return (loss, grad) if return_grad else loss
+
+
+def _raise_bad_label(t, flat_index, n_classes, ignore):
+    position = np.unravel_index(flat_index, t.shape) if t.ndim else ()
+    value = t[position]
+    raise ValueError(
+        f"target must hold class indices in [0, {n_classes}) or"
+        f" ignore_index={ignore}, got {value} at position {tuple(map(int, position))}"
+    )
