@@ -20,7 +20,7 @@ import numpy as np
 
 import fastloss
 
-from .workload import Implementation, Workload
+from .workload import Implementation, Workload, format_count
 
 # Logits are standard normal times this scale. For BCE a scale of 2 keeps
 # the naive sigmoid in float32 away from exactly 0 and 1, where its log is
@@ -389,7 +389,7 @@ def bce_workload(n, dtype="float32", group="classification", per_call=False):
     if not per_call:
         rows.append({"label": "grad_out", "fastloss": "fastloss grad_out"})
     return Workload(
-        name=f"{loss} {dtype} n={n:g}",
+        name=f"{loss} {dtype} n={format_count(n)}",
         group=group,
         loss=loss,
         params={"n": n},

@@ -15,7 +15,7 @@ import numpy as np
 import fastloss
 
 from .anchors import set_threads
-from .workload import Implementation, Workload
+from .workload import Implementation, Workload, format_count
 
 HUBER_DELTA = 1.0
 
@@ -236,7 +236,7 @@ def regression_workload(loss, n, dtype, group="regression", per_call=False):
     if not per_call:
         rows.append({"label": "grad_out", "fastloss": "fastloss grad_out"})
     return Workload(
-        name=f"{loss} {dtype} n={n:g}",
+        name=f"{loss} {dtype} n={format_count(n)}",
         group=group,
         loss=loss,
         params={"n": n, "delta": HUBER_DELTA} if loss == "huber_loss" else {"n": n},
@@ -289,7 +289,7 @@ def thread_scaling_workload(n, dtype, max_threads):
         return reference_loss, reference_grad, impls
 
     return Workload(
-        name=f"mse_loss {dtype} n={n:g}, threads",
+        name=f"mse_loss {dtype} n={format_count(n)}, threads",
         group="threads",
         loss="mse_loss",
         params={"n": n, "thread_counts": counts},

@@ -316,19 +316,20 @@ def write_plot(record, path):
     if not labels:
         return False
 
-    height = 0.8 / max(1, len(anchors))
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) * max(1, len(anchors)) ** 0.5 + 2))
+    markers = "osD^vP*X"
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) + 1.6))
     positions = np.arange(len(labels))
     for i, a in enumerate(anchors):
-        ax.barh(positions + i * height, ratios[a], height=height, label=LABELS[a])
+        ax.scatter(ratios[a], positions, marker=markers[i % len(markers)], s=22, label=LABELS[a])
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
-    ax.set_yticks(positions + 0.4 - height / 2)
+    ax.set_yticks(positions)
     ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.grid(axis="x", which="both", alpha=0.3)
     ax.set_xlabel("anchor time / fastloss time (above 1: fastloss is faster)")
     ax.set_title(f"fastloss against each anchor ({record['machine']['cpu']})", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

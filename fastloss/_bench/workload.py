@@ -1,5 +1,6 @@
 """Workload and implementation records, and the check against a reference."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -11,6 +12,13 @@ import numpy as np
 # wrong formula or a wrong reduction, whose errors are of order 1, and not
 # to rank accuracy.
 TOLERANCE = {"float32": 1e-4, "float64": 1e-9}
+
+
+def format_count(n):
+    """Write a power of ten of 1000 or more as ``1e6``, other counts as digits."""
+    if n >= 1000 and 10 ** round(math.log10(n)) == n:
+        return f"1e{round(math.log10(n))}"
+    return str(n)
 
 
 @dataclass
