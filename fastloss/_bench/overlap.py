@@ -5,9 +5,8 @@ The loss is ``segmentation_models_pytorch``'s multiclass Dice with
 ``1 - 2*sum(p*y) / max(sum(p) + sum(y), eps)`` over batch and spatial
 positions, classes absent from the target masked to 0, then the mean over
 classes. NumPy has no automatic differentiation, so the NumPy anchor writes
-the gradient by hand; PyTorch and JAX differentiate their forward pass.
-There is no scikit-learn equivalent, and no careful-NumPy or numba version
-is written yet.
+the gradient by hand. PyTorch and JAX differentiate their forward pass.
+scikit-learn has no equivalent.
 """
 
 from functools import partial
@@ -56,6 +55,60 @@ def _dice_loss_grad(logits, target, eps=EPS):
     grad_p = slope - (weight * 2 / denominator)[expand] * y
     grad = p * (grad_p - np.sum(p * grad_p, axis=1, keepdims=True))
     return loss, grad
+
+
+def _careful_dice(logits, target, grad, work, eps=EPS):
+    """Compute the Dice loss and gradient with two logits-sized buffers.
+
+    The softmax is built in ``grad``. The per-class sums over target
+    positions come from ``np.bincount``, so no one-hot array is formed.
+    """
+    n_classes = logits.shape[1]
+    sum_axes = (0,) + tuple(range(2, logits.ndim))
+    index = np.expand_dims(target, 1)
+    labels = target.ravel()
+
+    np.subtract(logits, logits.max(axis=1, keepdims=True), out=grad)
+    np.exp(grad, out=grad)
+    np.divide(grad, grad.sum(axis=1, keepdims=True), out=grad)
+    p_target = np.take_along_axis(grad, index, axis=1)
+    intersection = np.bincount(labels, weights=p_target.ravel(), minlength=n_classes)
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    cardinality = grad.sum(axis=sum_axes, dtype=np.float64) + counts
+    denominator = np.maximum(cardinality, eps)
+    present = counts > 0
+    loss = np.mean((1 - 2 * intersection / denominator) * present)
+
+    # The gradient with respect to p is slope_c - coefficient_c * y, as in
+    # _dice_loss_grad, and sum_c p*g is then dot(p, slope) - coefficient_y * p_y.
+    weight = present / n_classes
+    slope = weight * 2 * intersection * (cardinality > eps) / denominator**2
+    coefficient = weight * 2 / denominator
+    expand = (None, slice(None)) + (None,) * (logits.ndim - 2)
+    slope_b = slope.astype(logits.dtype)[expand]
+    coefficient_target = coefficient.astype(logits.dtype)[index]
+    np.multiply(grad, slope_b, out=work)
+    inner = work.sum(axis=1, keepdims=True) - coefficient_target * p_target
+    np.subtract(work, np.multiply(grad, inner, out=grad), out=grad)
+    at_target = np.take_along_axis(grad, index, axis=1)
+    np.put_along_axis(grad, index, at_target - coefficient_target * p_target, axis=1)
+    return loss, grad
+
+
+def _numba_dice(logits, target):
+    from . import numba_kernels
+
+    n_batch, n_classes = logits.shape[:2]
+    grad = np.empty_like(logits)
+    x3 = logits.reshape(n_batch, n_classes, -1)
+    g3 = grad.reshape(n_batch, n_classes, -1)
+    t2 = target.reshape(n_batch, -1)
+    kernel = partial(numba_kernels.dice_loss_grad, x3, t2, g3, EPS)
+
+    def run():
+        return kernel(), grad
+
+    return run
 
 
 def _reference(logits, target):
@@ -136,6 +189,12 @@ def dice_workload(shape, dtype="float32", group="overlap", per_call=False):
             naive = partial(_dice_loss_grad, logits, target)
             impls.append(Implementation("naive NumPy", "numpy-naive", naive))
 
+        if "numpy-careful" in anchors:
+            careful = partial(
+                _careful_dice, logits, target, np.empty_like(logits), np.empty_like(logits)
+            )
+            impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+
         if "torch" in anchors:
             run, extract = _torch_dice(logits, target)
             impls.append(Implementation("PyTorch", "torch", run, extract))
@@ -143,6 +202,9 @@ def dice_workload(shape, dtype="float32", group="overlap", per_call=False):
         if "jax" in anchors:
             run, extract = _jax_dice(logits, target)
             impls.append(Implementation("JAX", "jax", run, extract))
+
+        if "numba" in anchors:
+            impls.append(Implementation("numba", "numba", _numba_dice(logits, target)))
 
         return reference_loss, reference_grad, impls
 
