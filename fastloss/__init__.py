@@ -6,6 +6,7 @@ compiled kernel.
 """
 
 from ._kernels._openmp import openmp_enabled
+from .overlap import dice_loss, jaccard_loss, tversky_loss
 from .regression import (
     huber_loss,
     l1_loss,
@@ -15,14 +16,14 @@ from .regression import (
     rmse_loss,
     smooth_l1_loss,
 )
+from .sigmoid import binary_cross_entropy_with_logits, sigmoid_focal_loss
 from .softmax import cross_entropy, focal_loss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "cross_entropy",
-    "focal_loss",
     "openmp_enabled",
+    # Regression
     "mse_loss",
     "rmse_loss",
     "l1_loss",
@@ -30,4 +31,12 @@ __all__ = [
     "huber_loss",
     "log_cosh_loss",
     "pinball_loss",
+    # Classification and segmentation
+    "cross_entropy",
+    "focal_loss",
+    "binary_cross_entropy_with_logits",
+    "sigmoid_focal_loss",
+    "dice_loss",
+    "jaccard_loss",
+    "tversky_loss",
 ]

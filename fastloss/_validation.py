@@ -233,6 +233,63 @@ def as_2d_views(arrays):
     return [a.reshape(1, -1) for a in arrays]
 
 
+def as_3d_views(arrays):
+    """Return 3-D views of same-shaped arrays that walk them in step.
+
+    Like ``as_2d_views``, but the axes may form up to three mergeable runs,
+    so an array broadcast along a middle axis, such as a ``(1, C, 1)``
+    weight against ``(N, C, L)`` data, is read in place. When more than
+    three runs remain, the arrays that are not C-contiguous are copied to
+    C order, and only those.
+    """
+    shape = arrays[0].shape
+    if len(shape) <= 1 or arrays[0].size == 0:
+        n = arrays[0].size
+        return [a.reshape(1, 1, n) for a in arrays]
+    if all(a.flags.c_contiguous for a in arrays):
+        return [a.reshape(1, 1, -1) for a in arrays]
+    if all(a.flags.f_contiguous for a in arrays):
+        return [a.T.reshape(1, 1, -1) for a in arrays]
+
+    axes = [i for i, n in enumerate(shape) if n != 1]
+    strides_list = [a.strides for a in arrays]
+    for ordered in (axes, axes[::-1]):
+        breaks = _run_breaks(ordered, shape, strides_list)
+        if len(breaks) <= 2:
+            return [_view_3d(a, ordered, breaks) for a in arrays]
+
+    arrays = [a if a.flags.c_contiguous else np.ascontiguousarray(a) for a in arrays]
+    return [a.reshape(1, 1, -1) for a in arrays]
+
+
+def _run_breaks(axes, shape, strides_list):
+    """Return the indices into ``axes`` where a new mergeable run starts."""
+    return [
+        i + 1
+        for i in range(len(axes) - 1)
+        if any(
+            st[axes[i]] != st[axes[i + 1]] * shape[axes[i + 1]] for st in strides_list
+        )
+    ]
+
+
+def _view_3d(a, axes, breaks):
+    """View ``a`` as three runs of ``axes``, cut at ``breaks`` (at most two)."""
+    cuts = [0] * (2 - len(breaks)) + list(breaks)
+    runs = [axes[: cuts[0]], axes[cuts[0] : cuts[1]], axes[cuts[1] :]]
+    sizes = []
+    strides = []
+    for run in runs:
+        size = 1
+        for ax in run:
+            size *= a.shape[ax]
+        sizes.append(size)
+        strides.append(a.strides[run[-1]] if run else 0)
+    return np.lib.stride_tricks.as_strided(
+        a, shape=tuple(sizes), strides=tuple(strides), writeable=a.flags.writeable
+    )
+
+
 def _split_point(axes, shape, strides_list):
     """Return where ``axes`` splits into two runs that merge in every array.
 

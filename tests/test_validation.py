@@ -147,3 +147,44 @@ def test_check_grad_out_errors():
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="grad_out must be writeable"):
         v.check_grad_out(ro, shape, dtype)
+
+
+@pytest.mark.parametrize("other_layout", ["c", "f", "strided", "negative"])
+def test_as_3d_views_walks_arrays_in_step(rng, other_layout):
+    for name, a in _layouts(rng):
+        b = _relayout(2.0 * a, other_layout)
+        va, vb = v.as_3d_views([a, b])
+        assert va.ndim == 3, name
+        assert va.shape == vb.shape, name
+        assert va.size == a.size, name
+        np.testing.assert_array_equal(vb, 2.0 * va, err_msg=name)
+        np.testing.assert_array_equal(np.sort(va, axis=None), np.sort(a, axis=None))
+
+
+def test_as_3d_views_middle_broadcast_in_place(rng):
+    x = rng.standard_normal((4, 3, 5, 6))
+    w = np.broadcast_to(rng.standard_normal((1, 3, 1, 1)), x.shape)
+    vx, vw = v.as_3d_views([x, w])
+    assert np.shares_memory(vx, x)
+    assert np.shares_memory(vw, w)
+    assert vw.strides == (0, 8, 0)
+    np.testing.assert_array_equal(
+        np.broadcast_to(vw, vx.shape), np.broadcast_to(w, x.shape).reshape(vx.shape)
+    )
+
+
+def test_as_3d_views_small_shapes():
+    for shape in [(), (0,), (7,), (2, 0, 3), (1, 1, 1)]:
+        a = np.zeros(shape)
+        (va,) = v.as_3d_views([a])
+        assert va.ndim == 3, shape
+        assert va.size == a.size, shape
+
+
+def test_as_3d_views_copies_beyond_three_runs(rng):
+    x = rng.standard_normal((3, 4, 5, 6))
+    y = rng.standard_normal((6, 8, 10, 12))[::2, ::2, ::2, ::2]
+    vx, vy = v.as_3d_views([x, y])
+    assert np.shares_memory(vx, x)
+    assert not np.shares_memory(vy, y)
+    np.testing.assert_array_equal(vy.reshape(x.shape), y)

@@ -1,0 +1,499 @@
+# Overlap losses: soft Dice, Jaccard (IoU) and Tversky.
+#
+# All three share one form. With per-class sums I = sum(p * y), P = sum(p)
+# and Y = sum(y) over the kept positions,
+#
+#     loss = 1 - (a * I + smooth) / max(kI * I + kP * P + kY * Y + smooth, eps)
+#
+# Dice is (a, kI, kP, kY) = (2, 0, 1, 1), Jaccard (1, -1, 1, 1) and Tversky
+# (1, 1 - alpha - beta, alpha, beta), because FP = P - I and FN = Y - I.
+#
+# Layers:
+#   1. Per-position loaders fill the class probabilities of one position
+#      (softmax over the class axis, or one sigmoid per element).
+#   2. Pass 1 (``*_sums_block``) accumulates I, P and Y of one block of
+#      positions into that block's own slots. Every block lies inside one
+#      sample, and block boundaries depend only on the shape, so combining
+#      the blocks in a fixed pairwise order gives sums that are bit-identical
+#      for every thread count.
+#   3. ``finish_losses`` turns the sums into per-(sample, class) losses and
+#      the coefficients gI = dloss/dI and gP = dloss/dP, already scaled by
+#      ``grad_scale`` (1/(samples * classes) for ``mean``).
+#   4. Pass 2 (``*_grad_block``) writes the gradient of every position from
+#      those coefficients: dloss/dp = gI * y + gP, then the chain rule
+#      through the softmax or the sigmoid.
+#
+# The Python wrapper has already viewed the logits (and a dense target) as
+# ``(outer, C, inner)`` and an index target as ``(outer, inner)``, with the
+# sample axis leading ``outer``, and has validated every argument except the
+# range of class indices, which pass 1 checks.
+
+from cython.parallel cimport prange, threadid
+
+from libc.math cimport exp
+from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, malloc, free
+
+from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
+
+
+cdef inline double sum_strided(const double* x, Py_ssize_t n,
+                               Py_ssize_t stride) noexcept nogil:
+    """Sum ``x[0], x[stride], ...`` (n terms) in a fixed pairwise order."""
+    cdef Py_ssize_t half, i
+    cdef double acc
+    if n <= 8:
+        acc = 0.0
+        for i in range(n):
+            acc += x[i * stride]
+        return acc
+    half = n // 2
+    return sum_strided(x, half, stride) + sum_strided(x + half * stride, n - half, stride)
+
+
+cdef inline void sigmoid_pair(double z, double* p, double* q) noexcept nogil:
+    # p = sigmoid(z) and q = 1 - p = sigmoid(-z), each without cancellation,
+    # so p * q, the sigmoid's derivative, is accurate for large abs(z).
+    cdef double e
+    if z >= 0.0:
+        e = exp(-z)
+        p[0] = 1.0 / (1.0 + e)
+        q[0] = e / (1.0 + e)
+    else:
+        e = exp(z)
+        p[0] = e / (1.0 + e)
+        q[0] = 1.0 / (1.0 + e)
+
+
+cdef inline void softmax_at(const floating[:, :, :] logits, Py_ssize_t o,
+                            Py_ssize_t i, double* p) noexcept nogil:
+    # Shifting by the maximum keeps exp() in range. A NaN logit is never the
+    # maximum, but it makes the sum NaN and so every probability of the
+    # position NaN, as torch.softmax does.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t c
+    cdef double zmax = logits[o, 0, i]
+    cdef double total = 0.0
+    cdef double z
+
+    for c in range(1, n_classes):
+        z = logits[o, c, i]
+        if z > zmax:
+            zmax = z
+    for c in range(n_classes):
+        p[c] = exp(logits[o, c, i] - zmax)
+        total += p[c]
+    for c in range(n_classes):
+        p[c] = p[c] / total
+
+
+cdef Py_ssize_t index_sums_block(
+    const floating[:, :, :] logits,
+    const int64_t[:, :] target,
+    bint has_ignore,
+    int64_t ignore_index,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+    double* p,
+    double* acc,
+) noexcept nogil:
+    # acc holds I, P and Y of the C classes, in that order. Returns the first
+    # position whose class index is out of range, or -1.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t inner = logits.shape[2]
+    cdef Py_ssize_t o = start // inner
+    cdef Py_ssize_t i = start - o * inner
+    cdef Py_ssize_t q, c
+    cdef int64_t t
+
+    for q in range(start, stop):
+        t = target[o, i]
+        if not (has_ignore and t == ignore_index):
+            if t < 0 or t >= n_classes:
+                return q
+            softmax_at(logits, o, i, p)
+            for c in range(n_classes):
+                acc[n_classes + c] += p[c]
+            acc[t] += p[t]
+            acc[2 * n_classes + t] += 1.0
+        i += 1
+        if i == inner:
+            i = 0
+            o += 1
+    return -1
+
+
+cdef void index_grad_block(
+    const floating[:, :, :] logits,
+    const int64_t[:, :] target,
+    bint has_ignore,
+    int64_t ignore_index,
+    const double* coef_i,
+    const double* coef_p,
+    floating[:, :, :] grad,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+    double* p,
+) noexcept nogil:
+    # coef_i and coef_p are this sample's rows. With g_c = gI_c * y_c + gP_c,
+    # the softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c).
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t inner = logits.shape[2]
+    cdef Py_ssize_t o = start // inner
+    cdef Py_ssize_t i = start - o * inner
+    cdef Py_ssize_t q, c
+    cdef int64_t t
+    cdef double dot, g
+
+    for q in range(start, stop):
+        t = target[o, i]
+        if has_ignore and t == ignore_index:
+            for c in range(n_classes):
+                grad[o, c, i] = 0.0
+        else:
+            softmax_at(logits, o, i, p)
+            dot = p[t] * coef_i[t]
+            for c in range(n_classes):
+                dot = dot + p[c] * coef_p[c]
+            for c in range(n_classes):
+                g = coef_p[c] + coef_i[c] if c == t else coef_p[c]
+                grad[o, c, i] = <floating>(p[c] * (g - dot))
+        i += 1
+        if i == inner:
+            i = 0
+            o += 1
+
+
+cdef void dense_sums_block(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    bint use_softmax,
+    bint has_ignore,
+    double ignore_value,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+    double* p,
+    double* acc,
+) noexcept nogil:
+    # acc holds I, P and Y of the C classes, in that order. With the sigmoid,
+    # an element whose target equals ignore_value leaves every sum.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t inner = logits.shape[2]
+    cdef Py_ssize_t o = start // inner
+    cdef Py_ssize_t i = start - o * inner
+    cdef Py_ssize_t q, c
+    cdef double y, prob, unused
+
+    for q in range(start, stop):
+        if use_softmax:
+            softmax_at(logits, o, i, p)
+        for c in range(n_classes):
+            y = target[o, c, i]
+            if has_ignore and y == ignore_value:
+                continue
+            if use_softmax:
+                prob = p[c]
+            else:
+                sigmoid_pair(logits[o, c, i], &prob, &unused)
+            acc[c] += prob * y
+            acc[n_classes + c] += prob
+            acc[2 * n_classes + c] += y
+        i += 1
+        if i == inner:
+            i = 0
+            o += 1
+
+
+cdef void dense_grad_block(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    bint use_softmax,
+    bint has_ignore,
+    double ignore_value,
+    const double* coef_i,
+    const double* coef_p,
+    const char* active,
+    floating[:, :, :] grad,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+    double* p,
+) noexcept nogil:
+    # With the sigmoid, dloss/dz = (gI * y + gP) * p * (1 - p) per element,
+    # and 0 for ignored elements and for classes absent from the target, so
+    # that their logits, NaN included, do not reach the gradient.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t inner = logits.shape[2]
+    cdef Py_ssize_t o = start // inner
+    cdef Py_ssize_t i = start - o * inner
+    cdef Py_ssize_t q, c
+    cdef double y, prob, comp, dot
+
+    for q in range(start, stop):
+        if use_softmax:
+            softmax_at(logits, o, i, p)
+            dot = 0.0
+            for c in range(n_classes):
+                dot = dot + p[c] * (coef_i[c] * target[o, c, i] + coef_p[c])
+            for c in range(n_classes):
+                grad[o, c, i] = <floating>(
+                    p[c] * (coef_i[c] * target[o, c, i] + coef_p[c] - dot)
+                )
+        else:
+            for c in range(n_classes):
+                y = target[o, c, i]
+                if not active[c] or (has_ignore and y == ignore_value):
+                    grad[o, c, i] = 0.0
+                    continue
+                sigmoid_pair(logits[o, c, i], &prob, &comp)
+                grad[o, c, i] = <floating>((coef_i[c] * y + coef_p[c]) * prob * comp)
+        i += 1
+        if i == inner:
+            i = 0
+            o += 1
+
+
+cdef double finish_losses(
+    const double* acc,
+    Py_ssize_t n_samples,
+    Py_ssize_t n_classes,
+    Py_ssize_t blocks_per_sample,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double* losses,
+    double* coef_i,
+    double* coef_p,
+    char* active,
+) noexcept nogil:
+    # Combines the block sums of each (sample, class) pair, then fills
+    # losses, coef_i, coef_p and active (all n_samples * n_classes long) and
+    # returns the sum of the losses.
+    #
+    # max(S, eps) follows torch.clamp_min: its derivative is 1 where S >= eps
+    # and 0 below, so the denominator then stops depending on the sums.
+    cdef Py_ssize_t stride = 3 * n_classes
+    cdef Py_ssize_t s, c, k
+    cdef const double* first
+    cdef double inter, p_sum, y_sum, num, den, clamp, d_den
+
+    for s in range(n_samples):
+        first = acc + s * blocks_per_sample * stride
+        for c in range(n_classes):
+            k = s * n_classes + c
+            inter = sum_strided(first + c, blocks_per_sample, stride)
+            p_sum = sum_strided(first + n_classes + c, blocks_per_sample, stride)
+            y_sum = sum_strided(first + 2 * n_classes + c, blocks_per_sample, stride)
+            if y_sum <= 0.0:
+                # A class absent from the target contributes 0 and no
+                # gradient, as in segmentation_models_pytorch (a NaN y_sum
+                # is not absent and propagates).
+                losses[k] = 0.0
+                coef_i[k] = 0.0
+                coef_p[k] = 0.0
+                active[k] = 0
+                continue
+            num = a * inter + smooth
+            den = k_i * inter + k_p * p_sum + k_y * y_sum + smooth
+            clamp = den
+            d_den = 1.0
+            if den < eps:
+                clamp = eps
+                d_den = 0.0
+            losses[k] = 1.0 - num / clamp
+            d_den = d_den * num / (clamp * clamp)
+            coef_i[k] = grad_scale * (k_i * d_den - a / clamp)
+            coef_p[k] = grad_scale * (k_p * d_den)
+            active[k] = 1
+    return sum_partials(losses, n_samples * n_classes)
+
+
+cdef class _Scratch:
+    # Owns the buffers of one kernel call and frees them however it ends.
+    cdef double* acc
+    cdef double* probs
+    cdef double* coef_i
+    cdef double* coef_p
+    cdef char* active
+
+    def __cinit__(self, Py_ssize_t n_acc, Py_ssize_t n_probs, Py_ssize_t n_pairs):
+        self.acc = <double*>calloc(max(n_acc, 1), sizeof(double))
+        self.probs = <double*>malloc(max(n_probs, 1) * sizeof(double))
+        self.coef_i = <double*>malloc(max(n_pairs, 1) * sizeof(double))
+        self.coef_p = <double*>malloc(max(n_pairs, 1) * sizeof(double))
+        self.active = <char*>malloc(max(n_pairs, 1))
+        if (self.acc == NULL or self.probs == NULL or self.coef_i == NULL
+                or self.coef_p == NULL or self.active == NULL):
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.acc)
+        free(self.probs)
+        free(self.coef_i)
+        free(self.coef_p)
+        free(self.active)
+
+
+def overlap_index(
+    const floating[:, :, :] logits,
+    const int64_t[:, :] target,
+    Py_ssize_t n_samples,
+    bint has_ignore,
+    int64_t ignore_index,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double[::1] losses,
+    floating[:, :, :] grad,
+    bint write_grad,
+    int n_threads,
+):
+    """Compute the overlap loss of softmax probabilities and class indices.
+
+    ``logits`` is ``(outer, C, inner)`` and ``target`` ``(outer, inner)``,
+    and ``outer`` splits into ``n_samples`` equal runs of rows. Fills ``losses``
+    (``n_samples * C``) and, when ``write_grad`` is set, ``grad`` (the scale
+    of the ``mean`` is in ``grad_scale``). Returns ``(sum of losses, -1)``,
+    or ``(nan, q)`` without touching ``grad`` when the class index at flat
+    position ``q`` of the target is out of range.
+    """
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t n_positions = logits.shape[0] * logits.shape[2]
+    cdef Py_ssize_t per_sample = n_positions // n_samples if n_samples > 0 else 0
+    cdef Py_ssize_t blocks_per_sample = n_blocks(per_sample)
+    cdef Py_ssize_t total_blocks = n_samples * blocks_per_sample
+    cdef Py_ssize_t stride = 3 * n_classes
+    cdef int nt = threads_for(n_positions * n_classes, n_threads)
+    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * n_classes,
+                                     n_samples * n_classes)
+    cdef Py_ssize_t* bad = <Py_ssize_t*>malloc(max(total_blocks, 1) * sizeof(Py_ssize_t))
+    cdef Py_ssize_t b, s, start, stop, first_bad
+    cdef double total
+
+    if bad == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            # Pass 1: per-block sums, and the first bad index of each block.
+            for b in prange(total_blocks, schedule="static", num_threads=nt):
+                s = b // blocks_per_sample
+                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
+                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
+                bad[b] = index_sums_block(
+                    logits, target, has_ignore, ignore_index, start, stop,
+                    scratch.probs + threadid() * n_classes,
+                    scratch.acc + b * stride,
+                )
+            first_bad = -1
+            for b in range(total_blocks):
+                if bad[b] >= 0:
+                    first_bad = bad[b]
+                    break
+        if first_bad >= 0:
+            return float("nan"), first_bad
+
+        with nogil:
+            total = 0.0
+            if n_samples * n_classes > 0:
+                total = finish_losses(
+                    scratch.acc, n_samples, n_classes, blocks_per_sample, a, k_i,
+                    k_p, k_y, smooth, eps, grad_scale, &losses[0], scratch.coef_i,
+                    scratch.coef_p, scratch.active,
+                )
+
+            # Pass 2: the gradient, from the coefficients of each block's sample.
+            if write_grad:
+                for b in prange(total_blocks, schedule="static", num_threads=nt):
+                    s = b // blocks_per_sample
+                    start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
+                    stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
+                    index_grad_block(
+                        logits, target, has_ignore, ignore_index,
+                        scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
+                        grad, start, stop, scratch.probs + threadid() * n_classes,
+                    )
+    finally:
+        free(bad)
+    return total, -1
+
+
+def overlap_dense(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    Py_ssize_t n_samples,
+    bint use_softmax,
+    bint has_ignore,
+    double ignore_value,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double[::1] losses,
+    floating[:, :, :] grad,
+    bint write_grad,
+    int n_threads,
+):
+    """Compute the overlap loss of probabilities and a target of their shape.
+
+    ``logits`` and ``target`` are both ``(outer, C, inner)``. A target with
+    a zero stride on the class axis serves one-channel binary data. The
+    probabilities are a softmax over the class axis (``use_softmax``) or one
+    sigmoid per element. Fills ``losses`` and, with ``write_grad``, ``grad``,
+    and returns the sum of the losses.
+    """
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t n_positions = logits.shape[0] * logits.shape[2]
+    cdef Py_ssize_t per_sample = n_positions // n_samples if n_samples > 0 else 0
+    cdef Py_ssize_t blocks_per_sample = n_blocks(per_sample)
+    cdef Py_ssize_t total_blocks = n_samples * blocks_per_sample
+    cdef Py_ssize_t stride = 3 * n_classes
+    cdef int nt = threads_for(n_positions * n_classes, n_threads)
+    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * n_classes,
+                                     n_samples * n_classes)
+    cdef Py_ssize_t b, s, start, stop
+    cdef double total = 0.0
+
+    if n_classes == 0:
+        # No class means no element: nothing to sum and no gradient to write.
+        return total
+    with nogil:
+        # Pass 1: per-block sums.
+        for b in prange(total_blocks, schedule="static", num_threads=nt):
+            s = b // blocks_per_sample
+            start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
+            stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
+            dense_sums_block(
+                logits, target, use_softmax, has_ignore, ignore_value, start, stop,
+                scratch.probs + threadid() * n_classes, scratch.acc + b * stride,
+            )
+
+        if n_samples * n_classes > 0:
+            total = finish_losses(
+                scratch.acc, n_samples, n_classes, blocks_per_sample, a, k_i, k_p,
+                k_y, smooth, eps, grad_scale, &losses[0], scratch.coef_i,
+                scratch.coef_p, scratch.active,
+            )
+
+        # Pass 2: the gradient, from the coefficients of each block's sample.
+        if write_grad:
+            for b in prange(total_blocks, schedule="static", num_threads=nt):
+                s = b // blocks_per_sample
+                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
+                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
+                dense_grad_block(
+                    logits, target, use_softmax, has_ignore, ignore_value,
+                    scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
+                    scratch.active + s * n_classes, grad, start, stop,
+                    scratch.probs + threadid() * n_classes,
+                )
+    return total

@@ -1,0 +1,269 @@
+# Sigmoid losses: binary cross-entropy with logits and the sigmoid focal loss.
+#
+# Layers:
+#   1. Scalar functions on double (``bce_point``, ``focal_point``) return one
+#      element's loss and store its derivative with respect to the logit.
+#   2. Block functions (``bce_block``, ``focal_block``) walk one BLOCK_SIZE
+#      block of the flat iteration space of 3-D views, write the
+#      per-element loss and gradient where asked, and return the block's sum.
+#   3. The ``def`` kernels run the blocks under ``prange`` and combine the
+#      block sums with ``sum_partials``, so the total is bit-identical for
+#      every thread count.
+#
+# The Python wrapper has already cast every array to one float dtype, checked
+# the shapes, broadcast ``weight`` and ``pos_weight`` to zero-stride views,
+# and turned all arrays into 3-D views (``as_3d_views``) that visit the
+# elements in the same order. ``grad_scale`` carries the ``mean`` scaling (1/n) into the gradient,
+# and the wrapper divides the returned sum itself.
+
+from cython.parallel cimport prange
+
+from libc.math cimport exp, log1p, fabs, pow
+from libc.stdlib cimport malloc, free
+
+from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
+
+
+cdef inline void logistic_terms(double z, double* sp_pos, double* sp_neg,
+                                double* p, double* q) noexcept nogil:
+    # softplus(z), softplus(-z), p = sigmoid(z) and q = sigmoid(-z) from one
+    # exp and one log1p. softplus(x) = max(x, 0) + log1p(exp(-|x|)): exp never
+    # overflows, and softplus(-50) keeps exp(-50) where log(1 + tiny) gives 0.
+    # p and q are formed separately, so neither suffers cancellation.
+    cdef double e = exp(-fabs(z))
+    cdef double tail = log1p(e)
+
+    if z >= 0.0:
+        sp_pos[0] = z + tail
+        sp_neg[0] = tail
+        p[0] = 1.0 / (1.0 + e)
+        q[0] = e / (1.0 + e)
+    else:
+        sp_pos[0] = tail
+        sp_neg[0] = tail - z
+        p[0] = e / (1.0 + e)
+        q[0] = 1.0 / (1.0 + e)
+
+
+cdef inline double weighted(double a, double softplus_value) noexcept nogil:
+    # a * softplus with 0 * inf taken as 0, its limit, so an infinite logit on
+    # the side that its label does not weigh costs nothing.
+    if a == 0.0:
+        return 0.0
+    return a * softplus_value
+
+
+cdef inline double bce_point(double z, double y, double pos_weight,
+                             double* dz) noexcept nogil:
+    # loss = (1 - y) * softplus(z) + pos_weight * y * softplus(-z), which is
+    # -[pos_weight * y * log(sigmoid(z)) + (1 - y) * log(1 - sigmoid(z))].
+    cdef double sp_pos, sp_neg, p, q
+
+    logistic_terms(z, &sp_pos, &sp_neg, &p, &q)
+    dz[0] = (1.0 - y) * p - pos_weight * y * q
+    return weighted(1.0 - y, sp_pos) + weighted(pos_weight * y, sp_neg)
+
+
+cdef inline double focal_point(double z, double y, double alpha, double gamma,
+                               double* dz) noexcept nogil:
+    # torchvision.ops.sigmoid_focal_loss: ce * (1 - p_t)**gamma, times
+    # alpha_t = alpha * y + (1 - alpha) * (1 - y) when alpha >= 0.
+    #
+    # m = 1 - p_t = p * (1 - y) + q * y is formed from p and q = 1 - p, so it
+    # keeps its relative accuracy as p_t nears 1. The derivative is
+    #   (p - y) * m**gamma + gamma * ce * m**gamma * (1 - 2y) * p * q / m,
+    # written with r = p * q / m, which lies in [0, 1] because m is a convex
+    # combination of p and q, so m**(gamma - 1) never appears and the
+    # gradient stays finite for 0 < gamma < 1. m rounds to 0 only where
+    # p * q does too, and there the second term is 0.
+    cdef double sp_pos, sp_neg, p, q, m, r, ce, focal, alpha_t
+
+    logistic_terms(z, &sp_pos, &sp_neg, &p, &q)
+    ce = weighted(1.0 - y, sp_pos) + weighted(y, sp_neg)
+    m = p * (1.0 - y) + q * y
+    focal = pow(m, gamma)
+    if m > 0.0:
+        r = p * q / m
+    else:
+        r = 0.0
+    dz[0] = (p * (1.0 - y) - q * y) * focal
+    if gamma != 0.0 and r != 0.0:
+        # Skipping r == 0 keeps an infinite ce (a logit of -inf on a positive)
+        # from making 0 * inf: the limit of ce * p * q is 0 there.
+        dz[0] += gamma * ce * focal * (1.0 - 2.0 * y) * r
+    if alpha >= 0.0:
+        alpha_t = alpha * y + (1.0 - alpha) * (1.0 - y)
+        dz[0] = alpha_t * dz[0]
+        return alpha_t * ce * focal
+    return ce * focal
+
+
+cdef double bce_block(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    const floating[:, :, :] weight,
+    const floating[:, :, :] pos_weight,
+    bint has_weight,
+    bint has_pos_weight,
+    floating[:, :, :] loss_out,
+    bint write_loss,
+    floating[:, :, :] grad,
+    bint write_grad,
+    double grad_scale,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+) noexcept nogil:
+    cdef Py_ssize_t n1 = logits.shape[1]
+    cdef Py_ssize_t n2 = logits.shape[2]
+    cdef Py_ssize_t i0 = start // (n1 * n2)
+    cdef Py_ssize_t i1 = (start - i0 * n1 * n2) // n2
+    cdef Py_ssize_t i2 = start - (i0 * n1 + i1) * n2
+    cdef Py_ssize_t k
+    cdef double w, pw, loss, dz
+    cdef double acc = 0.0
+
+    for k in range(start, stop):
+        w = weight[i0, i1, i2] if has_weight else 1.0
+        pw = pos_weight[i0, i1, i2] if has_pos_weight else 1.0
+        if w == 0.0:
+            # A zero weight drops the element whatever its values, NaN too.
+            loss = 0.0
+            dz = 0.0
+        else:
+            loss = w * bce_point(logits[i0, i1, i2], target[i0, i1, i2], pw, &dz)
+            dz = w * dz
+        acc += loss
+        if write_loss:
+            loss_out[i0, i1, i2] = <floating>loss
+        if write_grad:
+            grad[i0, i1, i2] = <floating>(grad_scale * dz)
+        i2 += 1
+        if i2 == n2:
+            i2 = 0
+            i1 += 1
+            if i1 == n1:
+                i1 = 0
+                i0 += 1
+    return acc
+
+
+cdef double focal_block(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    double alpha,
+    double gamma,
+    floating[:, :, :] loss_out,
+    bint write_loss,
+    floating[:, :, :] grad,
+    bint write_grad,
+    double grad_scale,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+) noexcept nogil:
+    cdef Py_ssize_t n1 = logits.shape[1]
+    cdef Py_ssize_t n2 = logits.shape[2]
+    cdef Py_ssize_t i0 = start // (n1 * n2)
+    cdef Py_ssize_t i1 = (start - i0 * n1 * n2) // n2
+    cdef Py_ssize_t i2 = start - (i0 * n1 + i1) * n2
+    cdef Py_ssize_t k
+    cdef double loss, dz
+    cdef double acc = 0.0
+
+    for k in range(start, stop):
+        loss = focal_point(logits[i0, i1, i2], target[i0, i1, i2], alpha, gamma, &dz)
+        acc += loss
+        if write_loss:
+            loss_out[i0, i1, i2] = <floating>loss
+        if write_grad:
+            grad[i0, i1, i2] = <floating>(grad_scale * dz)
+        i2 += 1
+        if i2 == n2:
+            i2 = 0
+            i1 += 1
+            if i1 == n1:
+                i1 = 0
+                i0 += 1
+    return acc
+
+
+def bce_with_logits(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    const floating[:, :, :] weight,
+    const floating[:, :, :] pos_weight,
+    bint has_weight,
+    bint has_pos_weight,
+    floating[:, :, :] loss_out,
+    bint write_loss,
+    floating[:, :, :] grad,
+    bint write_grad,
+    double grad_scale,
+    int n_threads,
+):
+    """Return the sum of the weighted per-element BCE losses.
+
+    ``weight`` and ``pos_weight`` are read only when their flag is set, and
+    ``loss_out`` and ``grad`` are written only when theirs is, so callers may
+    pass any array of the dtype in their place.
+    """
+    cdef Py_ssize_t n = logits.shape[0] * logits.shape[1] * logits.shape[2]
+    cdef Py_ssize_t nb = n_blocks(n)
+    cdef int nt = threads_for(n, n_threads)
+    cdef double* partials
+    cdef Py_ssize_t b
+    cdef double total
+
+    if nb == 0:
+        return 0.0
+    partials = <double*>malloc(nb * sizeof(double))
+    if partials == NULL:
+        raise MemoryError()
+    with nogil:
+        for b in prange(nb, schedule="static", num_threads=nt):
+            partials[b] = bce_block(
+                logits, target, weight, pos_weight, has_weight, has_pos_weight,
+                loss_out, write_loss, grad, write_grad, grad_scale,
+                b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+            )
+        total = sum_partials(partials, nb)
+    free(partials)
+    return total
+
+
+def sigmoid_focal(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    double alpha,
+    double gamma,
+    floating[:, :, :] loss_out,
+    bint write_loss,
+    floating[:, :, :] grad,
+    bint write_grad,
+    double grad_scale,
+    int n_threads,
+):
+    """Return the sum of the per-element sigmoid focal losses.
+
+    ``alpha < 0`` turns the class balance off.
+    """
+    cdef Py_ssize_t n = logits.shape[0] * logits.shape[1] * logits.shape[2]
+    cdef Py_ssize_t nb = n_blocks(n)
+    cdef int nt = threads_for(n, n_threads)
+    cdef double* partials
+    cdef Py_ssize_t b
+    cdef double total
+
+    if nb == 0:
+        return 0.0
+    partials = <double*>malloc(nb * sizeof(double))
+    if partials == NULL:
+        raise MemoryError()
+    with nogil:
+        for b in prange(nb, schedule="static", num_threads=nt):
+            partials[b] = focal_block(
+                logits, target, alpha, gamma, loss_out, write_loss, grad,
+                write_grad, grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+            )
+        total = sum_partials(partials, nb)
+    free(partials)
+    return total
