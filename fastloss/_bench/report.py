@@ -188,7 +188,8 @@ def _method_text(record):
         " before the next library runs. The tables give the median per call, the"
         " interquartile range for fastloss, and for each anchor its median with the"
         " ratio `anchor / fastloss` (above 1, fastloss is faster). Each workload"
-        " starts after a wait, with a cap, until other processes use under 10% of"
+        " starts after a wait of at most"
+        f" {record['quiet_cap_s']:g} s until other processes use under 10% of"
         " all cores. Every implementation may use all cores unless its row says"
         " otherwise, but NumPy itself runs on one core except inside BLAS calls."
     )
@@ -282,7 +283,11 @@ def render_markdown(record):
     problems = _problems(workloads)
     if problems:
         out += ["", "## Implementations that failed the check", ""] + problems
-    not_quiet = [w["name"] for w in workloads if w.get("quiet") and not w["quiet"]["quiet"]]
+    not_quiet = [
+        w["name"]
+        for w in workloads
+        if w.get("quiet") and w["quiet"]["method"] != "skipped" and not w["quiet"]["quiet"]
+    ]
     if not_quiet:
         out += [
             "",

@@ -277,6 +277,7 @@ def run_suite(mode, pattern, requested_anchors, progress=None):
         "n_samples": mode.n_samples,
         "min_sample_s": mode.min_sample_s,
         "pause_s": mode.pause_s,
+        "quiet_cap_s": mode.quiet_cap_s,
         "anchors": available,
         "missing_anchors": missing,
         "anchor_threads": defaults,
