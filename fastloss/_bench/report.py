@@ -1,0 +1,341 @@
+"""The run's outputs: machine description, JSON record, Markdown table, plot."""
+
+import json
+import os
+import platform
+import sys
+import sysconfig
+
+import numpy as np
+
+import fastloss
+from fastloss._kernels._openmp import max_threads
+
+from .anchors import ANCHORS, LABELS
+
+GROUP_TITLES = {
+    "regression": "Regression losses",
+    "classification": "Classification losses",
+    "overlap": "Overlap losses",
+    "per-call": "Per-call cost on 16 elements",
+}
+
+
+def cpu_model():
+    """Return the CPU model name, from /proc/cpuinfo where it exists."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info():
+    """Describe the machine, the libraries and the fastloss build."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "fastloss": fastloss.__version__,
+        "fastloss_path": os.path.dirname(fastloss.__file__),
+        "openmp_enabled": bool(fastloss.openmp_enabled()),
+        "openmp_max_threads": max_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        # The C flags Python was built with, which setuptools passes to every
+        # extension before the -O3 -fno-math-errno and OpenMP flags that
+        # fastloss's setup.py adds.
+        "python_cflags": sysconfig.get_config_var("CFLAGS"),
+    }
+
+
+def write_json(record, path):
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1, allow_nan=True)
+        f.write("\n")
+
+
+def format_seconds(seconds):
+    """Format a duration with a unit that keeps 3 significant digits."""
+    if seconds is None:
+        return "—"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_bytes(n):
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def format_number(x):
+    """Format a ratio or multiple with 3 significant digits and no exponent."""
+    if x >= 1000:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def _spread(entry):
+    return f"{format_seconds(entry['q1_s'])}–{format_seconds(entry['q3_s'])}"
+
+
+def _versus_cell(versus):
+    if versus is None:
+        return "—"
+    if versus["status"] == "wrong":
+        return "wrong"
+    if versus["status"] == "error":
+        return "error"
+    if "ratio" not in versus:
+        return format_seconds(versus.get("median_s"))
+    return f"{format_seconds(versus['median_s'])} ({format_number(versus['ratio'])}×)"
+
+
+def _anchors_in(record):
+    return [key for key in ANCHORS if key in record["anchors"]]
+
+
+def _workload_table(workloads, anchors):
+    header = ["workload", "bytes moved", "fastloss (IQR)", "× floor"]
+    header += [LABELS[a] for a in anchors]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for w in workloads:
+        by_name = {e["name"]: e for e in w["implementations"]}
+        for row in w["rows"]:
+            name = w["name"] + (f", {row['label']}" if row["label"] else "")
+            mine = by_name.get(row["fastloss"])
+            if mine is None:
+                cells = [name, format_bytes(w["bytes_moved"]), "missing", "—"]
+            elif mine["status"] != "ok":
+                cells = [name, format_bytes(w["bytes_moved"]), mine["status"], "—"]
+            else:
+                timing = f"{format_seconds(mine['median_s'])} ({_spread(mine)})"
+                floor = "—" if w["per_call"] else format_number(mine["floor_multiple"])
+                cells = [name, format_bytes(w["bytes_moved"]), timing, floor]
+            cells += [_versus_cell(row["vs"].get(a)) for a in anchors]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _thread_table(workload):
+    counts = workload["params"]["thread_counts"]
+    header = ["library"] + [f"{k} thread{'s' if k > 1 else ''}" for k in counts]
+    if len(counts) > 1:
+        header.append("speed-up")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_anchor = {}
+    for entry in workload["implementations"]:
+        by_anchor.setdefault(entry["anchor"], {})[entry["threads"]] = entry
+    for anchor, entries in by_anchor.items():
+        cells = [LABELS.get(anchor, anchor)]
+        for k in counts:
+            entry = entries.get(k)
+            if entry is None:
+                cells.append("—")
+            elif entry["status"] != "ok":
+                cells.append(entry["status"])
+            else:
+                cells.append(
+                    f"{format_seconds(entry['median_s'])}"
+                    f" ({format_number(entry['floor_multiple'])}× floor)"
+                )
+        if len(counts) > 1:
+            first, last = entries.get(counts[0]), entries.get(counts[-1])
+            if first and last and first["status"] == last["status"] == "ok":
+                cells.append(f"{format_number(first['median_s'] / last['median_s'])}×")
+            else:
+                cells.append("—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _problems(workloads):
+    """List every implementation that failed its check or raised."""
+    lines = []
+    for w in workloads:
+        for entry in w.get("implementations", []):
+            if entry["status"] in ("wrong", "error"):
+                lines.append(
+                    f"- {w['name']}, {entry['name']}: {entry['status']}, not timed."
+                    f" {entry['message']}"
+                )
+    return lines
+
+
+def _method_text(record):
+    sample = format_seconds(record["min_sample_s"])
+    pause = format_seconds(record["pause_s"])
+    return (
+        "Each implementation is checked against a float64 NumPy reference before"
+        " it is timed, and one that fails the check is reported and not timed."
+        " The implementations of a workload are sampled in rotating round-robin"
+        f" order, {record['n_samples']} samples each after a warm-up. Every sample"
+        f" repeats the call for at least {sample} and is followed by an untimed"
+        f" {pause} pause, so that one library's spinning OpenMP threads are idle"
+        " before the next library runs. The tables give the median per call, the"
+        " interquartile range for fastloss, and for each anchor its median with the"
+        " ratio `anchor / fastloss` (above 1, fastloss is faster). Each workload"
+        " starts after a wait of at most"
+        f" {record['quiet_cap_s']:g} s until other processes use under 10% of"
+        " all cores. Every implementation may use all cores unless its row says"
+        " otherwise, but NumPy itself runs on one core except inside BLAS calls."
+    )
+
+
+def render_markdown(record):
+    """Render the record as the Markdown page ``BENCHMARKS.md``."""
+    machine = record["machine"]
+    bandwidth = record["bandwidth"]
+    anchors = _anchors_in(record)
+    out = [
+        "# fastloss benchmarks",
+        "",
+        f"Produced by `{record['command']}` on {record['started']} ({record['mode']} mode,"
+        f" {record['wall_s']:.0f} s).",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {machine['cpu']}, {machine['logical_cpus']} logical CPUs"
+        f" ({machine['usable_cpus']} usable by this process)",
+        f"- {machine['platform']}, Python {machine['python']}, NumPy {machine['numpy']}",
+        f"- fastloss {machine['fastloss']}: openmp_enabled={machine['openmp_enabled']},"
+        f" OpenMP max threads {machine['openmp_max_threads']},"
+        f" OMP_NUM_THREADS={machine['OMP_NUM_THREADS']}",
+        f"- C flags from Python's build: `{machine['python_cflags']}`",
+    ]
+    for key in anchors:
+        if not key.startswith("numpy"):
+            out.append(f"- {LABELS[key]} {record['anchors'][key]}")
+    for key, reason in record["missing_anchors"].items():
+        out.append(f"- {LABELS[key]}: not run ({reason})")
+    pools = ", ".join(f"{k} {v}" for k, v in record["anchor_threads"].items())
+    out.append(f"- Default thread counts: {pools}")
+
+    out += ["", "## Memory-bandwidth floor", ""]
+    out.append(
+        f"`{bandwidth['kernel']}` on three arrays of {format_bytes(bandwidth['array_bytes'])},"
+        f" counted as {format_bytes(bandwidth['bytes_moved'])} moved per add (two reads,"
+        " one write; the extra read of a write-allocate cache is not counted):"
+    )
+    out.append("")
+    for key, value in bandwidth["by_threads"].items():
+        out.append(f"- {key} thread(s): {value['bytes_per_s'] / 1e9:.3g} GB/s")
+    out += [
+        "",
+        "A workload's floor is the bytes it must move divided by this bandwidth at",
+        "its thread count; `× floor` is the median time over that floor. Workloads",
+        "whose arrays fit in the caches can run below the floor (a multiple under 1).",
+    ]
+
+    out += [
+        "",
+        "## Method",
+        "",
+        _method_text(record),
+        "",
+        "The scikit-learn rows include the reduction that its per-sample"
+        " `loss_gradient` leaves to the caller: a sum of the per-sample losses and"
+        " an in-place scaling of the gradient. Its MSE row uses `HalfSquaredError`,"
+        " which is `0.5 * d**2`, and doubles it. PyTorch rows time the forward pass"
+        " plus `backward()`, JAX rows a jitted `value_and_grad`, and numba rows a"
+        " fused `parallel=True` kernel.",
+    ]
+
+    workloads = record["workloads"]
+    for group, title in GROUP_TITLES.items():
+        members = [w for w in workloads if w["group"] == group and w["status"] == "ok"]
+        if not members:
+            continue
+        out += ["", f"## {title}", ""]
+        out += _workload_table(members, anchors)
+        notes = sorted(
+            {f"{e['name']}: {e['note']}" for w in members for e in w["implementations"] if e["note"]}
+        )
+        if notes:
+            out += [""] + [f"- {n}" for n in notes]
+
+    for w in workloads:
+        if w["group"] == "threads" and w["status"] == "ok":
+            out += ["", f"## Thread scaling: {w['name'].rsplit(',', 1)[0]}", ""]
+            out += _thread_table(w)
+
+    bytes_lines = sorted({f"- {w['name']}: {w['bytes_note']}" for w in workloads if w["status"] == "ok"})
+    if bytes_lines:
+        out += ["", "## Bytes each workload must move", ""] + bytes_lines
+
+    skipped = [w for w in workloads if w["status"] != "ok"]
+    if skipped:
+        out += ["", "## Skipped workloads", ""]
+        out += [f"- {w['name']}: {w['status']}, {w['reason']}" for w in skipped]
+    problems = _problems(workloads)
+    if problems:
+        out += ["", "## Implementations that failed the check", ""] + problems
+    not_quiet = [
+        w["name"]
+        for w in workloads
+        if w.get("quiet") and w["quiet"]["method"] != "skipped" and not w["quiet"]["quiet"]
+    ]
+    if not_quiet:
+        out += [
+            "",
+            f"The machine was not quiet at the start of {len(not_quiet)} of"
+            f" {len(workloads)} workloads (the wait hit its cap); see `quiet` in the JSON record.",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def write_plot(record, path):
+    """Plot fastloss's speed-up over each anchor per row; return False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+
+    anchors = _anchors_in(record)
+    labels = []
+    ratios = {a: [] for a in anchors}
+    for w in record["workloads"]:
+        if w["status"] != "ok":
+            continue
+        for row in w["rows"]:
+            labels.append(w["name"] + (f", {row['label']}" if row["label"] else ""))
+            for a in anchors:
+                versus = row["vs"].get(a)
+                ratios[a].append(versus.get("ratio", np.nan) if versus else np.nan)
+    if not labels:
+        return False
+
+    markers = "osD^vP*X"
+    fig, ax = plt.subplots(figsize=(9, 0.28 * len(labels) + 1.6))
+    positions = np.arange(len(labels))
+    for i, a in enumerate(anchors):
+        ax.scatter(ratios[a], positions, marker=markers[i % len(markers)], s=22, label=LABELS[a])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(positions)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.grid(axis="x", which="both", alpha=0.3)
+    ax.set_xlabel("anchor time / fastloss time (above 1: fastloss is faster)")
+    ax.set_title(f"fastloss against each anchor ({record['machine']['cpu']})", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

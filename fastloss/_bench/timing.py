@@ -1,0 +1,247 @@
+"""Timing primitives: quiet-machine wait, interleaved samples, bandwidth floor."""
+
+import gc
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# A machine counts as quiet when the other processes use less than this share
+# of all cores, over QUIET_WINDOW_S seconds while this process sleeps.
+QUIET_BUSY_SHARE = 0.10
+QUIET_WINDOW_S = 0.2
+
+
+def _read_cpu_jiffies():
+    """Return ``(busy, total)`` clock ticks of all cores, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    values = [int(v) for v in fields]
+    # user nice system idle iowait irq softirq steal: idle and iowait are
+    # idle time. guest and guest_nice are already counted in user and nice.
+    total = sum(values[:8])
+    idle = values[3] + values[4]
+    return total - idle, total
+
+
+def _read_own_jiffies():
+    """Return the clock ticks this process (all its threads) has used."""
+    with open("/proc/self/stat") as f:
+        # The command name may contain spaces, so split after its ")".
+        fields = f.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 of proc(5), utime and stime, are at 11 and 12 here.
+    return int(fields[11]) + int(fields[12])
+
+
+def others_busy_share(window_s=QUIET_WINDOW_S):
+    """Return the share of all cores that other processes used over a window.
+
+    This process sleeps during the window, and its own ticks are subtracted,
+    so OpenMP worker threads still spinning after a parallel region are not
+    counted as load. Returns None where /proc/stat cannot be read.
+    """
+    try:
+        busy0, total0 = _read_cpu_jiffies()
+        own0 = _read_own_jiffies()
+        time.sleep(window_s)
+        busy1, total1 = _read_cpu_jiffies()
+        own1 = _read_own_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    if total <= 0:
+        return None
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / total
+
+
+def _spin_seconds(iterations=200_000):
+    """Time a fixed pure-Python loop, a probe for CPU contention."""
+    start = time.perf_counter()
+    acc = 0
+    for i in range(iterations):
+        acc += i
+    return time.perf_counter() - start
+
+
+def wait_for_quiet(cap_s):
+    """Wait until the machine is quiet, for at most ``cap_s`` seconds.
+
+    On Linux the test is the other processes' share of all cores (see
+    ``others_busy_share``), which must stay under QUIET_BUSY_SHARE for two
+    windows in a row. Elsewhere a fixed spin loop is timed until three runs
+    in a row are within 10% of the fastest run seen. Returns a dict with
+    ``quiet`` (bool), ``waited_s``, ``method``, ``busy_share`` (the last
+    measured share or None) and ``loadavg`` (1-minute load, or None). A cap
+    of 0 skips the wait and the measurement, and ``method`` is "skipped".
+    """
+    if cap_s <= 0:
+        return {
+            "quiet": False,
+            "waited_s": 0.0,
+            "method": "skipped",
+            "busy_share": None,
+            "loadavg": None,
+        }
+    start = time.perf_counter()
+    method = "proc-stat"
+    share = None
+    quiet = False
+    calm_windows = 0
+    spins = []
+    while True:
+        if method == "proc-stat":
+            share = others_busy_share()
+            if share is None:
+                method = "spin-loop"
+                continue
+            calm_windows = calm_windows + 1 if share < QUIET_BUSY_SHARE else 0
+            quiet = calm_windows >= 2
+        else:
+            spins.append(_spin_seconds())
+            best = min(spins)
+            quiet = len(spins) >= 3 and all(s <= 1.1 * best for s in spins[-3:])
+            time.sleep(0.02)
+        waited = time.perf_counter() - start
+        if quiet or waited >= cap_s:
+            break
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = None
+    return {
+        "quiet": quiet,
+        "waited_s": time.perf_counter() - start,
+        "method": method,
+        "busy_share": share,
+        "loadavg": load,
+    }
+
+
+def summarize(samples):
+    """Return median, quartiles, min and max of per-call times in seconds."""
+    values = np.sort(np.asarray(samples, dtype=np.float64))
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return {
+        "median_s": float(median),
+        "q1_s": float(q1),
+        "q3_s": float(q3),
+        "min_s": float(values[0]),
+        "max_s": float(values[-1]),
+        "samples_s": [float(v) for v in values],
+    }
+
+
+def calls_per_sample(func, min_sample_s):
+    """Return how many calls of ``func`` fill ``min_sample_s`` seconds.
+
+    One call is timed, after the caller's warm-up. The count is rounded up
+    to 1, 2 or 5 times a power of ten, as ``timeit`` does.
+    """
+    start = time.perf_counter()
+    func()
+    once = max(time.perf_counter() - start, 1e-9)
+    if once >= min_sample_s:
+        return 1
+    needed = min_sample_s / once
+    power = 10 ** math.floor(math.log10(needed))
+    for step in (1, 2, 5, 10):
+        if step * power >= needed:
+            return int(step * power)
+    return int(10 * power)
+
+
+def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0):
+    """Time several zero-argument callables in round-robin order.
+
+    Each callable is warmed up ``warmup`` times, then calibrated to a number
+    of calls per sample. Every round takes one sample of each callable, and
+    the starting callable rotates from round to round, so a slow drift of the
+    machine spreads over all of them instead of biasing one. A pause of
+    ``pause_s`` follows each sample, untimed, so that the OpenMP threads of
+    one library, which spin for a while after a parallel region, are asleep
+    before the next library needs the cores. The garbage collector is off
+    while sampling. Returns, per callable, the summary of
+    ``summarize`` plus ``calls_per_sample``.
+    """
+    for func in funcs:
+        for _ in range(warmup):
+            func()
+    numbers = [calls_per_sample(func, min_sample_s) for func in funcs]
+    samples = [[] for _ in funcs]
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for round_index in range(n_samples):
+            for offset in range(len(funcs)):
+                k = (round_index + offset) % len(funcs)
+                func, number = funcs[k], numbers[k]
+                start = time.perf_counter()
+                for _ in range(number):
+                    func()
+                samples[k].append((time.perf_counter() - start) / number)
+                if pause_s > 0:
+                    time.sleep(pause_s)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    results = []
+    for number, values in zip(numbers, samples):
+        summary = summarize(values)
+        summary["calls_per_sample"] = number
+        results.append(summary)
+    return results
+
+
+def _add_chunks(a, b, c, n_threads):
+    """Run ``np.add(a, b, out=c)`` on ``n_threads`` contiguous chunks at once.
+
+    NumPy releases the GIL inside the add loop, so the chunks run in parallel.
+    """
+    bounds = np.linspace(0, a.size, n_threads + 1).astype(np.int64)
+    chunks = [(a[lo:hi], b[lo:hi], c[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(max_workers=n_threads) as pool:
+        start = time.perf_counter()
+        list(pool.map(lambda abc: np.add(abc[0], abc[1], out=abc[2]), chunks))
+        return time.perf_counter() - start
+
+
+def measure_bandwidth(array_bytes, thread_counts, repeats):
+    """Measure a STREAM-like add, ``c = a + b``, on float64 arrays.
+
+    Each of the three arrays has ``array_bytes`` bytes. The bytes moved per
+    add are counted as STREAM counts them, ``3 * array_bytes`` (two reads
+    and one write), without the extra read that a write-allocate cache makes.
+    Returns, per thread count, the best of ``repeats`` runs in bytes per
+    second, with the array size used.
+    """
+    n = max(1, array_bytes // 8)
+    a = np.full(n, 1.0)
+    b = np.full(n, 2.0)
+    c = np.zeros(n)
+    moved = 3 * n * 8
+    results = {}
+    for n_threads in thread_counts:
+        if n_threads == 1:
+            np.add(a, b, out=c)
+            best = math.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                np.add(a, b, out=c)
+                best = min(best, time.perf_counter() - start)
+        else:
+            _add_chunks(a, b, c, n_threads)
+            best = min(_add_chunks(a, b, c, n_threads) for _ in range(repeats))
+        results[str(n_threads)] = {
+            "threads": n_threads,
+            "best_s": best,
+            "bytes_per_s": moved / best,
+        }
+    return {
+        "kernel": "np.add(a, b, out=c), float64, best of %d" % repeats,
+        "array_bytes": n * 8,
+        "bytes_moved": moved,
+        "by_threads": results,
+    }
