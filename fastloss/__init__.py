@@ -6,6 +6,7 @@ compiled kernel.
 """
 
 from ._kernels._openmp import openmp_enabled
+from .diagnosis import Diagnosis, Finding, diagnose
 from .overlap import dice_loss, jaccard_loss, tversky_loss
 from .regression import (
     huber_loss,
@@ -39,4 +40,8 @@ __all__ = [
     "dice_loss",
     "jaccard_loss",
     "tversky_loss",
+    # Diagnosis
+    "diagnose",
+    "Diagnosis",
+    "Finding",
 ]

@@ -4,6 +4,8 @@ Subcommands::
 
     fastloss eval LOSS PRED TARGET [--weight FILE] [--reduction R]
                   [--param NAME=VALUE ...] [--grad-out FILE] [--json]
+    fastloss diagnose LOGITS TARGET [--loss NAME] [--axis N]
+                      [--ignore-index N] [--weight FILE] [--json]
     fastloss demo
     fastloss bench [--quick] [ARGS ...]
 
@@ -11,6 +13,7 @@ Each subcommand is a pair of functions, ``_add_<name>(subparsers)`` that
 declares its arguments and ``_run_<name>(args, extra)`` that returns the exit
 status, listed in ``SUBCOMMANDS``. Exit status 0 means success and 2 a usage
 or input error, reported in one line on stderr without a traceback.
+``diagnose`` exits with 1 when it finds an error in its input.
 """
 
 import argparse
@@ -26,6 +29,7 @@ import sys
 import numpy as np
 
 EXIT_OK = 0
+EXIT_ERROR_FOUND = 1
 EXIT_USAGE = 2
 # The shell's conventions: 128 + SIGINT, and 1 for a closed output pipe.
 EXIT_INTERRUPTED = 130
@@ -393,6 +397,68 @@ def _print_array(a):
     np.savetxt(sys.stdout, a.reshape(-1), fmt=f"%.{digits}g")
 
 
+# --- fastloss diagnose -------------------------------------------------------
+
+
+def _add_diagnose(subparsers):
+    from .diagnosis import LOSSES
+
+    parser = subparsers.add_parser(
+        "diagnose",
+        help="find the input mistakes behind a huge or stuck loss",
+        description=(
+            "Check one batch of LOGITS and TARGET for the input mistakes behind"
+            " a loss that is huge or does not go down, and print a report with"
+            " a fix for each finding. Files are .npy, .npz (FILE.npz or"
+            " FILE.npz:KEY) or numeric .csv. The exit status is 0 when no error"
+            " is found (warnings alone included), 1 when one is, and 2 for a"
+            " usage or input error."
+        ),
+    )
+    parser.add_argument("logits", metavar="LOGITS",
+                        help="logits of one batch (.npy, .npz[:KEY], .csv)")
+    parser.add_argument("target", metavar="TARGET",
+                        help="class indices, class probabilities or 0/1 targets")
+    parser.add_argument("--loss", default="cross_entropy", choices=LOSSES,
+                        metavar="NAME",
+                        help="the loss the batch is for (default: cross_entropy;"
+                             f" one of {', '.join(LOSSES)})")
+    parser.add_argument("--axis", type=int, default=1, metavar="N",
+                        help="class axis of LOGITS (default: 1; -1 for"
+                             " channels-last data)")
+    parser.add_argument("--ignore-index", type=int, default=-100, metavar="N",
+                        help="class index whose positions are left out"
+                             " (default: -100)")
+    parser.add_argument("--weight", metavar="FILE",
+                        help="per-class weights, an array of shape (C,)")
+    parser.add_argument("--json", action="store_true",
+                        help='print one JSON object with "ok", "findings" and'
+                             ' "stats" in place of the report')
+    parser.set_defaults(run=_run_diagnose)
+
+
+def _run_diagnose(args, extra):
+    import fastloss
+    from . import io as fio
+
+    logits = _load(fio, args.logits, "LOGITS")
+    target = _load(fio, args.target, "TARGET")
+    weight = None if args.weight is None else _load(fio, args.weight, "--weight")
+    try:
+        diagnosis = fastloss.diagnose(
+            logits, target, loss=args.loss, axis=args.axis,
+            ignore_index=args.ignore_index, weight=weight,
+        )
+    except (ValueError, TypeError) as exc:
+        raise CommandError(f"diagnose: {exc}") from None
+
+    if args.json:
+        print(diagnosis.to_json())
+    else:
+        print(diagnosis)
+    return EXIT_ERROR_FOUND if diagnosis.has_errors() else EXIT_OK
+
+
 # --- fastloss demo -----------------------------------------------------------
 
 
@@ -460,7 +526,7 @@ def _run_bench(args, extra):
 # run function that a subcommand registers returns the exit status, so a
 # command may exit with 1 for a finding in its input, apart from the 2 that
 # every usage or input error gets.
-SUBCOMMANDS = [_add_eval, _add_demo, _add_bench]
+SUBCOMMANDS = [_add_eval, _add_diagnose, _add_demo, _add_bench]
 
 
 def build_parser():

@@ -8,6 +8,7 @@ of the report, so a new section is one function and one entry in the list.
 
 import importlib.util
 import inspect
+import textwrap
 from dataclasses import dataclass
 from typing import Callable
 
@@ -179,10 +180,86 @@ def _write_regression(write):
           f" a held-out RMSE of {rmse:.4f}.")
 
 
+# --- diagnosis: a broken segmentation pipeline -------------------------------
+
+# The coins photograph's intensities fall into three classes (background,
+# coin body, coin highlight), and the toy model scores each pixel by its
+# distance to a class's mean intensity, in units of INTENSITY_SCALE.
+N_SEGMENTATION_CLASSES = 3
+INTENSITY_SCALE = 0.08
+REPORT_WIDTH = 78
+
+
+def _softmax(x, axis):
+    z = np.exp(x - x.max(axis=axis, keepdims=True))
+    return z / z.sum(axis=axis, keepdims=True)
+
+
+def segmentation_batch():
+    """Return ``(logits, mask)`` of a two-image batch built from skimage's coins.
+
+    The mask labels each pixel 0, 1 or 2 by multi-Otsu thresholds and marks
+    the region borders with 255, as VOC-style masks do. The logits are
+    float32 of shape ``(2, 3, 303, 384)``, the mask uint8 of shape
+    ``(2, 303, 384)``; the second image is the first mirrored.
+    """
+    from skimage import data, filters, segmentation
+
+    image = data.coins().astype(np.float64) / 255.0
+    thresholds = filters.threshold_multiotsu(image, classes=N_SEGMENTATION_CLASSES)
+    labels = np.digitize(image, thresholds)
+    mask = labels.astype(np.uint8)
+    mask[segmentation.find_boundaries(labels, mode="inner")] = 255
+
+    means = np.array([image[labels == c].mean() for c in range(N_SEGMENTATION_CLASSES)])
+    batch = np.stack([image, image[:, ::-1]])
+    distance = (batch[:, None] - means[None, :, None, None]) / INTENSITY_SCALE
+    logits = (-(distance**2)).astype(np.float32)
+    return logits, np.stack([mask, mask[:, ::-1]])
+
+
+def _write_findings(write, diagnosis):
+    for finding in diagnosis.findings:
+        write(f"  {finding.severity.upper()} [{finding.code}]")
+        for text in (finding.message, "fix: " + finding.fix):
+            for line in textwrap.wrap(text, REPORT_WIDTH - 4):
+                write(f"    {line}")
+
+
+def _write_diagnosis(write):
+    logits, mask = segmentation_batch()
+    n_border = int(np.count_nonzero(mask == 255))
+    write(f"A batch of 2 images of scikit-image's coins photograph,"
+          f" {N_SEGMENTATION_CLASSES} classes")
+    write(f"(background, coin body, coin highlight), with {n_border} border"
+          " pixels marked 255.")
+    write("The pipeline has two mistakes: the model's output went through a"
+          " softmax")
+    write("before the loss, and the loss keeps the default ignore_index=-100.")
+    write()
+    write("fastloss.diagnose(softmax(logits), mask):")
+    _write_findings(write, fastloss.diagnose(_softmax(logits, axis=1), mask))
+
+    write()
+    fixed = fastloss.diagnose(logits, mask, ignore_index=255)
+    loss = fastloss.cross_entropy(logits, mask.astype(np.int64), ignore_index=255)
+    verdict = "ok" if fixed.ok else "not ok"
+    write("fastloss.diagnose(logits, mask, ignore_index=255), the fixed pipeline:")
+    write(f"  {verdict}, findings: {', '.join(fixed.codes) or 'none'}")
+    write(f"  cross_entropy = {float(loss):.4f}, against"
+          f" ln({N_SEGMENTATION_CLASSES}) = {np.log(N_SEGMENTATION_CLASSES):.4f}"
+          " for a uniform prediction")
+
+
 SECTIONS = [
     DemoSection(
         title="Regression: diabetes progression",
         requires=("sklearn",),
         write_section=_write_regression,
+    ),
+    DemoSection(
+        title="Diagnosis: a broken segmentation pipeline",
+        requires=("skimage",),
+        write_section=_write_diagnosis,
     ),
 ]

@@ -875,6 +875,7 @@ def test_dice_evaluated_whole(capsys, tmp_path, rng):
 
 def test_demo_prints_report(capsys):
     pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
 
     status = cli.main(["demo"])
     out, err = capsys.readouterr()
