@@ -55,7 +55,10 @@ def as_float_array(x, name, dtype=None):
     if dtype is None:
         dtype = compute_dtype(a.dtype)
     if a.dtype != dtype:
-        a = a.astype(dtype)
+        # A float64 value beyond float32's range becomes inf, the value the
+        # kernel would see anyway, so NumPy's overflow warning is noise.
+        with np.errstate(over="ignore"):
+            a = a.astype(dtype)
     return a
 
 

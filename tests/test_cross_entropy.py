@@ -460,6 +460,15 @@ def test_float16_computed_in_float32(rng, probs):
     np.testing.assert_array_equal(grad, grad32)
 
 
+def test_float32_probability_cast_overflow_is_inf():
+    # 1e300 has no float32 value, so the target becomes inf, with no warning.
+    logits = np.zeros((1, 2), np.float32)
+    target = np.array([[1e300, 0.0]])
+    loss = fl.cross_entropy(logits, target, reduction="sum")
+    assert type(loss) is np.float32
+    assert loss == np.inf
+
+
 def test_integer_logits_computed_in_float64(rng):
     logits = rng.integers(-3, 4, (5, 3))
     target = rng.integers(0, 3, 5)

@@ -463,6 +463,17 @@ def test_float16_computes_in_float32(rng, name):
     )
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_float32_target_cast_overflow_is_inf(name):
+    # 1e300 has no float32 value, so the target becomes inf, with no warning.
+    logits = np.zeros((1, 2, 2), np.float32)
+    target = np.array([[[1e300, 0.0], [1.0, 1.0]]])
+    losses = LOSSES[name](logits, target, mode="multilabel", reduction="none")
+    assert losses.dtype == np.float32
+    assert np.isnan(losses[0])
+    assert np.isfinite(losses[1])
+
+
 def _layouts(x):
     yield "c", x
     yield "f", np.asfortranarray(x)

@@ -343,6 +343,16 @@ def test_float32_pred_casts_float64_target(rng):
 
 
 @pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+def test_float32_target_cast_overflow_is_inf(func):
+    # 1e300 has no float32 value: the target becomes inf, with no warning.
+    pred = np.zeros(3, np.float32)
+    target = np.array([1e300, 0.0, 0.0])
+    loss = func(pred, target, reduction="sum")
+    assert type(loss) is np.float32
+    assert loss == np.inf
+
+
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
 def test_zero_dim_and_scalars(func):
     loss, grad = func(np.float64(2.5), 1.0, return_grad=True)
     assert type(loss) is np.float64

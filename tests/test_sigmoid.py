@@ -356,6 +356,18 @@ def test_dtype_rules(rng, name, dtype, expected):
     )
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_float32_target_cast_overflow_is_inf(name):
+    # 1e300 has no float32 value, so the target becomes inf, with no warning,
+    # and an infinite target gives inf - inf.
+    logits = np.ones(3, np.float32)
+    target = np.array([1e300, 0.0, 0.0])
+    loss = LOSSES[name](logits, target, reduction="none")
+    assert loss.dtype == np.float32
+    assert np.isnan(loss[0])
+    assert np.isfinite(loss[1:]).all()
+
+
 def _layouts(x):
     yield "c", x
     yield "f", np.asfortranarray(x)

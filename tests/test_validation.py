@@ -188,3 +188,13 @@ def test_as_3d_views_copies_beyond_three_runs(rng):
     assert np.shares_memory(vx, x)
     assert not np.shares_memory(vy, y)
     np.testing.assert_array_equal(vy.reshape(x.shape), y)
+
+
+def test_as_float_array_overflow_to_inf_without_warning():
+    # float64 values beyond float32's range become inf in a float32 compute
+    # dtype, as the cast itself gives, but no RuntimeWarning escapes.
+    a = v.as_float_array(np.array([1e300, -1e40, 1.0]), "target", np.dtype(np.float32))
+    assert a.dtype == np.float32
+    assert a[0] == np.inf
+    assert a[1] == -np.inf
+    assert a[2] == 1.0
