@@ -169,7 +169,12 @@ def check_scalar(value, name, low=None, high=None, low_open=False):
 
 
 def normalize_axis(axis, ndim, name="axis"):
-    """Return ``axis`` as a non-negative index into ``ndim`` dimensions."""
+    """Return ``axis`` as a non-negative index into ``ndim`` dimensions.
+
+    A bool raises TypeError, as it does for NumPy's reductions.
+    """
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
     try:
         a = operator.index(axis)
     except TypeError:

@@ -232,8 +232,9 @@ def _overlap_loss(
         raise ValueError(
             "logits must have at least 1 dimension (the class axis), got a 0-d array"
         )
-    if logits.ndim == 1 and axis == 1:
-        # (C,) logits hold one sample, so the default axis means axis 0.
+    if logits.ndim == 1 and axis == 1 and not isinstance(axis, (bool, np.bool_)):
+        # (C,) logits hold one sample, so the default axis means axis 0. A
+        # bool equals 1 but is left to normalize_axis, which rejects it.
         class_axis = 0
     else:
         class_axis = v.normalize_axis(axis, logits.ndim)

@@ -668,6 +668,7 @@ def test_float_labels_raise_type_error(rng):
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(axis=2), ValueError, "axis 2 is out of bounds"),
         (dict(axis=1.0), TypeError, "axis must be an int"),
+        (dict(axis=True), TypeError, "axis must be an int, got bool"),
         (dict(ignore_index=1.5), TypeError, "ignore_index must be an int"),
         (dict(ignore_index=True), TypeError, "ignore_index must be an int"),
         (dict(n_threads=0), ValueError, "n_threads"),

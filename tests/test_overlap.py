@@ -641,6 +641,7 @@ def test_parameter_errors(rng, name):
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(axis=4), ValueError, "axis 4 is out of bounds for an array with 4 dimensions"),
         (dict(axis=1.0), TypeError, "axis must be an int, got float"),
+        (dict(axis=True), TypeError, "axis must be an int, got bool"),
         (dict(n_threads=0), ValueError, "n_threads must be None or an int >= 1, got 0"),
         (dict(return_grad=True, grad_out=np.empty(3)), ValueError,
          r"grad_out must have shape \(3, 4, 5, 6\)"),
@@ -648,6 +649,13 @@ def test_parameter_errors(rng, name):
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
             fn(logits, target, **kwargs)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("axis", [True, np.bool_(True)])
+def test_class_vector_rejects_bool_axis(name, axis):
+    with pytest.raises(TypeError, match="axis must be an int, got bool"):
+        LOSSES[name](np.zeros(3), np.int64(1), axis=axis)
 
 
 def test_tversky_parameter_errors(rng):

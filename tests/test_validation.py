@@ -198,3 +198,9 @@ def test_as_float_array_overflow_to_inf_without_warning():
     assert a[0] == np.inf
     assert a[1] == -np.inf
     assert a[2] == 1.0
+
+
+@pytest.mark.parametrize("axis", [True, False, np.bool_(True)])
+def test_normalize_axis_rejects_bool(axis):
+    with pytest.raises(TypeError, match="axis must be an int, got bool"):
+        v.normalize_axis(axis, 3)
