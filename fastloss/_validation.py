@@ -88,8 +88,9 @@ def as_index_array(x, name, hint=""):
 
 def check_reduction(reduction, allowed=REDUCTIONS):
     """Raise ValueError unless ``reduction`` is one of ``allowed``."""
-    if reduction in allowed and type(reduction) is str:
-        return reduction
+    if isinstance(reduction, str) and reduction in allowed:
+        # A str subclass such as numpy.str_ becomes a plain str.
+        return str(reduction)
     choices = ", ".join(repr(r) for r in allowed)
     raise ValueError(f"reduction must be one of {choices}, got {reduction!r}")
 

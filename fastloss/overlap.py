@@ -223,7 +223,7 @@ def _overlap_loss(
     ``coefficients`` is ``(a, kI, kP, kY)`` of the shared form
     ``1 - (a*I + smooth) / max(kI*I + kP*P + kY*Y + smooth, eps)``.
     """
-    if mode not in MODES or type(mode) is not str:
+    if not isinstance(mode, str) or mode not in MODES:
         choices = ", ".join(repr(m) for m in MODES)
         raise ValueError(f"mode must be one of {choices}, got {mode!r}")
     logits = v.as_float_array(logits, "logits")
@@ -246,7 +246,7 @@ def _overlap_loss(
     ignore = _check_ignore_index(ignore_index)
     if type(per_sample) is not bool and not isinstance(per_sample, np.bool_):
         raise TypeError(f"per_sample must be a bool, got {type(per_sample).__name__}")
-    v.check_reduction(reduction)
+    reduction = v.check_reduction(reduction)
     nt = v.resolve_n_threads(n_threads)
     if per_sample and class_axis == 0 and logits.ndim > 1 and mode != "binary":
         raise ValueError(

@@ -256,7 +256,7 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     The gradient ``w * d / (denominator * rmse)`` needs the total first, so
     this takes two passes: squared-error sum, then the scaled gradient.
     """
-    if type(reduction) is str and reduction == "none":
+    if isinstance(reduction, str) and reduction == "none":
         raise ValueError(
             "reduction must be 'mean' or 'sum' for rmse_loss, got 'none': the"
             " root of one squared error is abs(d), which"

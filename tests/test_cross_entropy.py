@@ -688,6 +688,15 @@ def test_bad_input_raises(rng, kwargs, error, pattern):
         fl.cross_entropy(args.pop("logits"), args.pop("target"), **args)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_numpy_str_reduction(rng, reduction):
+    logits, target = rng.standard_normal((4, 3)), np.array([0, 1, 2, 1])
+    expected = fl.cross_entropy(logits, target, reduction=reduction)
+    np.testing.assert_array_equal(
+        fl.cross_entropy(logits, target, reduction=np.str_(reduction)), expected
+    )
+
+
 def test_read_only_grad_out_rejected(rng):
     out = np.empty((4, 3))
     out.flags.writeable = False

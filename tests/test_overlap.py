@@ -658,6 +658,15 @@ def test_class_vector_rejects_bool_axis(name, axis):
         LOSSES[name](np.zeros(3), np.int64(1), axis=axis)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_numpy_str_mode_and_reduction(rng, name, mode):
+    logits, target = make_case(rng, mode)
+    expected = LOSSES[name](logits, target, mode=mode, reduction="none")
+    losses = LOSSES[name](logits, target, mode=np.str_(mode), reduction=np.str_("none"))
+    np.testing.assert_array_equal(losses, expected)
+
+
 def test_tversky_parameter_errors(rng):
     logits, target = make_case(rng, "multiclass")
     with pytest.raises(ValueError, match="alpha must be >= 0.0, got -0.1"):

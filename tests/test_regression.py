@@ -806,6 +806,21 @@ def test_rmse_rejects_reduction_none():
         fl.rmse_loss(x.tolist(), x, reduction="max")
 
 
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_numpy_str_reduction(func, reduction, rng):
+    pred, target = make_inputs(rng, (6,), np.float64)
+    expected = func(pred, target, reduction=reduction)
+    assert func(pred, target, reduction=np.str_(reduction)) == expected
+
+
+def test_rmse_rejects_numpy_str_none():
+    x = np.zeros(3)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum' for"
+                       " rmse_loss, got 'none'"):
+        fl.rmse_loss(x, x, reduction=np.str_("none"))
+
+
 def test_errors_raised_before_grad_out_written():
     x = np.zeros(5)
     grad_out = np.full(5, 7.0)

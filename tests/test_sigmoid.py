@@ -514,6 +514,15 @@ def test_common_errors(rng, name):
         fn(x, y, n_threads=0)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_numpy_str_reduction(rng, name, reduction):
+    x, y = make_data(rng)
+    expected = LOSSES[name](x, y, reduction=reduction)
+    np.testing.assert_array_equal(LOSSES[name](x, y, reduction=np.str_(reduction)),
+                                  expected)
+
+
 def test_bce_weight_errors(rng):
     x, y = make_data(rng)
     match = r"weight must broadcast to the logits' shape \(4, 3, 5\), got shape \(4,\)"

@@ -204,3 +204,9 @@ def test_as_float_array_overflow_to_inf_without_warning():
 def test_normalize_axis_rejects_bool(axis):
     with pytest.raises(TypeError, match="axis must be an int, got bool"):
         v.normalize_axis(axis, 3)
+
+
+def test_check_reduction_accepts_str_subclass():
+    reduction = v.check_reduction(np.str_("sum"))
+    assert reduction == "sum"
+    assert type(reduction) is str
