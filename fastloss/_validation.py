@@ -5,6 +5,7 @@ names the argument, what was expected and what was received. All checks run
 before any output is allocated or any kernel is called.
 """
 
+import math
 import operator
 
 import numpy as np
@@ -167,6 +168,22 @@ def check_scalar(value, name, low=None, high=None, low_open=False):
             expected = f"<= {high}"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return v
+
+
+# Doubles of at least this magnitude round to +-inf in float32: FLT_MAX plus
+# half an ulp (2**104) rounds away under round-half-to-even.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def to_scalar(value, dtype):
+    """Return the Python float ``value`` as a NumPy scalar of ``dtype``.
+
+    A value beyond float32's range becomes +-inf without NumPy's overflow
+    warning.
+    """
+    if dtype.type is np.float32 and abs(value) >= _FLOAT32_OVERFLOW:
+        value = math.copysign(math.inf, value)
+    return dtype.type(value)
 
 
 def normalize_axis(axis, ndim, name="axis"):

@@ -21,6 +21,7 @@ from ._validation import (
     check_same_shape,
     check_scalar,
     resolve_n_threads,
+    to_scalar,
 )
 
 __all__ = [
@@ -37,10 +38,6 @@ _ndarray = np.ndarray
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _PARALLEL_MIN_ITEMS = _kernels.PARALLEL_MIN_ITEMS
-
-# Doubles of at least this magnitude round to +-inf in float32: FLT_MAX plus
-# half an ulp (2**104) rounds away under round-half-to-even.
-_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 class _LossKernels:
@@ -60,16 +57,6 @@ _SMOOTH_L1 = _LossKernels("smooth_l1")
 _HUBER = _LossKernels("huber")
 _LOG_COSH = _LossKernels("log_cosh")
 _PINBALL = _LossKernels("pinball")
-
-
-def _to_scalar(value, dtype):
-    """Return the Python float ``value`` as a NumPy scalar of ``dtype``.
-
-    A float32 overflow becomes inf without NumPy's cast warning.
-    """
-    if dtype is _F32 and abs(value) >= _FLOAT32_OVERFLOW:
-        value = math.copysign(math.inf, value)
-    return dtype.type(value)
 
 
 def _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
@@ -216,7 +203,7 @@ def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
             total /= weight_total
 
     prep.copy_back()
-    loss = _to_scalar(total, prep.dtype)
+    loss = to_scalar(total, prep.dtype)
     return (loss, prep.grad) if return_grad else loss
 
 
@@ -237,7 +224,7 @@ def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, n_thread
         total = kernel(pred, target, grad, None, param, 1.0 / n, n_threads) / n
     else:
         total = kernel(pred, target, grad, None, param, 1.0, n_threads)
-    loss = _to_scalar(total, dtype)
+    loss = to_scalar(total, dtype)
     return (loss, grad) if return_grad else loss
 
 
@@ -278,7 +265,7 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
             else:
                 kernel(pred, target, grad, None, 0.0, 0.5 / (denominator * value),
                        n_threads)
-        loss = _to_scalar(value, dtype)
+        loss = to_scalar(value, dtype)
         return (loss, grad) if return_grad else loss
 
     reduction = check_reduction(reduction, ("mean", "sum"))
@@ -302,7 +289,7 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
             kernel(prep.pred_view, prep.target_view, prep.weight_view, prep.grad_view,
                    None, 0.0, 0.5 / (denominator * value), prep.n_threads)
         prep.copy_back()
-    loss = _to_scalar(value, prep.dtype)
+    loss = to_scalar(value, prep.dtype)
     return (loss, prep.grad) if return_grad else loss
 
 

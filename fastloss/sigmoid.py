@@ -238,9 +238,9 @@ def _run(call, arrays, logits, reduction, return_grad, grad_out):
     if write_loss:
         loss = loss_out
     elif reduction == "sum":
-        loss = dtype.type(total)
+        loss = v.to_scalar(total, dtype)
     else:
-        loss = dtype.type(total / n) if n > 0 else dtype.type(np.nan)
+        loss = v.to_scalar(total / n, dtype) if n > 0 else dtype.type(np.nan)
     if return_grad:
         return loss, grad
     return loss

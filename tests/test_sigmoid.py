@@ -356,6 +356,24 @@ def test_dtype_rules(rng, name, dtype, expected):
     )
 
 
+@pytest.mark.parametrize(
+    "name, reduction, kwargs",
+    [
+        ("bce", "sum", {}),
+        ("bce", "mean", {"pos_weight": np.float32(10.0)}),
+        ("focal", "sum", {"alpha": -1}),
+    ],
+)
+def test_float32_loss_overflow_is_inf(name, reduction, kwargs):
+    # Each element costs about 3e38 (3e39 with pos_weight 10), so the sum,
+    # and that mean, exceed float32's range and round to inf.
+    logits = np.full(4, -3e38, np.float32)
+    target = np.ones(4, np.float32)
+    loss = LOSSES[name](logits, target, reduction=reduction, **kwargs)
+    assert type(loss) is np.float32
+    assert loss == np.inf
+
+
 @pytest.mark.parametrize("name", LOSSES)
 def test_float32_target_cast_overflow_is_inf(name):
     # 1e300 has no float32 value, so the target becomes inf, with no warning,

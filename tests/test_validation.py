@@ -210,3 +210,12 @@ def test_check_reduction_accepts_str_subclass():
     reduction = v.check_reduction(np.str_("sum"))
     assert reduction == "sum"
     assert type(reduction) is str
+
+
+def test_to_scalar_float32_overflow_is_inf():
+    value = v.to_scalar(1e39, np.dtype(np.float32))
+    assert type(value) is np.float32
+    assert value == np.inf
+    assert v.to_scalar(-1e39, np.dtype(np.float32)) == -np.inf
+    assert type(v.to_scalar(1e39, np.dtype(np.float64))) is np.float64
+    assert np.isnan(v.to_scalar(float("nan"), np.dtype(np.float32)))
