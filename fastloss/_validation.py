@@ -186,6 +186,34 @@ def to_scalar(value, dtype):
     return dtype.type(value)
 
 
+def grad_out_needs_buffer(grad_out, arrays):
+    """Return True when ``grad_out`` overlaps one of ``arrays`` unsafely.
+
+    This is for kernels that read every input element before they write the
+    gradient element at the same index. For them ``grad_out`` may be the
+    very same view as an input (same data pointer, shape, strides and
+    dtype). Any other overlap, such as a reversed view or a broadcast row,
+    would let the kernel read a gradient element that it has already
+    written, so the caller computes into a fresh array and copies that to
+    ``grad_out``.
+    """
+    if grad_out is None:
+        return False
+    for a in arrays:
+        if a is None or not np.may_share_memory(grad_out, a):
+            continue
+        same_view = (
+            a.dtype == grad_out.dtype
+            and a.shape == grad_out.shape
+            and a.strides == grad_out.strides
+            and a.__array_interface__["data"][0]
+            == grad_out.__array_interface__["data"][0]
+        )
+        if not same_view:
+            return True
+    return False
+
+
 def normalize_axis(axis, ndim, name="axis"):
     """Return ``axis`` as a non-negative index into ``ndim`` dimensions.
 

@@ -280,9 +280,16 @@ def _overlap_loss(
 
     grad = grad_view = grad_base = None
     # A grad_out is filled even with return_grad=False, as NumPy's out= is.
+    # One that overlaps an input other than as its very same view gets the
+    # gradient through a buffer, because the second pass reads the inputs.
     write_grad = return_grad or grad_out is not None
     if write_grad:
-        grad = grad_out if grad_out is not None else np.empty(logits.shape, dtype)
+        if grad_out is not None and not v.grad_out_needs_buffer(
+            grad_out, (logits, target_view)
+        ):
+            grad = grad_out
+        else:
+            grad = np.empty(logits.shape, dtype)
         grad_view, grad_base = _grad_view(grad, grad_axis)
     kernel_grad = grad_view if grad_view is not None else _PLACEHOLDERS[dtype]
     a, k_i, k_p, k_y = coefficients
@@ -304,6 +311,9 @@ def _overlap_loss(
         )
     if grad_base is not None and grad_base is not grad:
         grad[...] = grad_base.reshape(grad.shape)
+    if grad_out is not None and grad is not grad_out:
+        grad_out[...] = grad
+        grad = grad_out
 
     if reduction == "none":
         shape = (n_samples, n_classes) if per_sample else (n_classes,)

@@ -20,6 +20,7 @@ from ._validation import (
     check_reduction,
     check_same_shape,
     check_scalar,
+    grad_out_needs_buffer,
     resolve_n_threads,
     to_scalar,
 )
@@ -84,13 +85,17 @@ class _Prepared:
     """Validated inputs and outputs, and 2-D views of them for the kernels."""
 
     __slots__ = (
-        "dtype", "n", "pred", "weight", "grad", "out",
+        "dtype", "n", "pred", "weight", "grad", "out", "grad_out",
         "pred_view", "target_view", "weight_view", "grad_view", "out_view",
         "n_threads",
     )
 
     def copy_back(self):
-        """Copy grad and out from their views where ``as_2d_views`` copied."""
+        """Copy grad and out from their views where ``as_2d_views`` copied.
+
+        A gradient computed into a buffer, because ``grad_out`` overlaps an
+        input, is then copied to ``grad_out``, which becomes ``self.grad``.
+        """
         if self.grad_view is not None and not np.may_share_memory(
             self.grad_view, self.grad
         ):
@@ -99,6 +104,10 @@ class _Prepared:
             self.out_view, self.out
         ):
             self.out[...] = self.out_view.reshape(self.out.shape)
+        if self.grad_out is not None:
+            self.grad_out[...] = self.grad
+            self.grad = self.grad_out
+            self.grad_out = None
 
 
 def _as_aligned(a):
@@ -124,8 +133,12 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     if weight is not None:
         w = _as_aligned(as_float_array(weight, "weight", dtype))
         check_same_shape(p, w, "pred", "weight")
+    buffered_grad_out = None
     if grad_out is not None:
         grad = check_grad_out(grad_out, p.shape, dtype)
+        if grad_out_needs_buffer(grad, (p, t, w)):
+            buffered_grad_out = grad
+            grad = np.empty_like(p)
     elif return_grad:
         # empty_like keeps pred's memory order, so an F-ordered pred and its
         # gradient still merge into one run.
@@ -140,6 +153,7 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     prep.pred = p
     prep.weight = w
     prep.grad = grad
+    prep.grad_out = buffered_grad_out
     prep.out = out
     prep.n_threads = n_threads
     present = [a for a in (p, t, w, grad, out) if a is not None]

@@ -592,6 +592,38 @@ def test_grad_out_is_used(rng, mode):
     np.testing.assert_array_equal(strided, expected)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("mode, aliased", [
+    ("multiclass", "logits"), ("multilabel", "logits"), ("multilabel", "target"),
+    ("binary", "logits"), ("binary", "target"),
+])
+def test_grad_out_overlapping_input(rng, name, mode, aliased):
+    # grad_out is the reversed view of an input, so the second pass would
+    # read logits (or targets) that it has already overwritten.
+    logits, target = make_case(rng, mode, binary_layout="own")
+    kwargs = dict(mode=mode, **loss_kwargs(name))
+    expected_loss, expected_grad = LOSSES[name](logits, target, return_grad=True,
+                                                **kwargs)
+    grad_out = {"logits": logits, "target": target}[aliased][::-1, ::-1]
+    loss, grad = LOSSES[name](logits, target, return_grad=True, grad_out=grad_out,
+                              **kwargs)
+    assert grad is grad_out
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_grad_out_same_view_as_logits(rng, mode):
+    logits, target = make_case(rng, mode)
+    expected_loss, expected_grad = fl.dice_loss(logits, target, mode=mode,
+                                                return_grad=True)
+    loss, grad = fl.dice_loss(logits, target, mode=mode, return_grad=True,
+                              grad_out=logits)
+    assert grad is logits
+    assert loss == expected_loss
+    np.testing.assert_array_equal(logits, expected_grad)
+
+
 @pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
 def test_grad_out_filled_without_return_grad(rng, mode):
     logits, target = make_case(rng, mode)

@@ -534,6 +534,37 @@ def test_grad_out_equal_to_pred(rng):
     np.testing.assert_array_equal(pred, expected)
 
 
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+@pytest.mark.parametrize("aliased", ["pred", "target", "weight"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_out_overlapping_input(func, aliased, reduction, rng):
+    # grad_out is the reversed view of an input, so writing the gradient in
+    # order would overwrite elements that are still to be read.
+    pred, target = make_inputs(rng, (7, 6), np.float64)
+    weight = make_weight("random", pred.shape, rng)
+    expected_loss, expected_grad = func(pred, target, weight=weight,
+                                        reduction=reduction, return_grad=True)
+    inputs = {"pred": pred, "target": target, "weight": weight}
+    grad_out = inputs[aliased][::-1, ::-1]
+    loss, grad = func(pred, target, weight=weight, reduction=reduction,
+                      return_grad=True, grad_out=grad_out)
+    assert grad is grad_out
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+def test_grad_out_same_view_as_target(func, rng):
+    pred, target = make_inputs(rng, (4, 5), np.float64)
+    expected_loss, expected_grad = func(pred, target, reduction="sum",
+                                        return_grad=True)
+    loss, grad = func(pred, target, reduction="sum", return_grad=True,
+                      grad_out=target)
+    assert grad is target
+    assert loss == expected_loss
+    np.testing.assert_array_equal(target, expected_grad)
+
+
 # ---------------------------------------------------------------------------
 # PyTorch and finite differences.
 # ---------------------------------------------------------------------------

@@ -490,6 +490,51 @@ def test_grad_out_is_used(rng, name):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("aliased", ["logits", "target"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_out_overlapping_input(rng, name, aliased, reduction):
+    # grad_out is the reversed view of an input, so writing the gradient in
+    # order would overwrite elements that are still to be read.
+    x, y = make_data(rng, soft=True)
+    expected_loss, expected_grad = LOSSES[name](x, y, reduction=reduction,
+                                                return_grad=True)
+    grad_out = {"logits": x, "target": y}[aliased][::-1]
+    loss, grad = LOSSES[name](x, y, reduction=reduction, return_grad=True,
+                              grad_out=grad_out)
+    assert grad is grad_out
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_bce_grad_out_overlapping_broadcast_weight(rng):
+    # The weight is one row of grad_out, broadcast over every row: writing
+    # row 0 of the gradient would change the weight of the later rows.
+    x, y = make_data(rng, shape=(4, 5))
+    grad_out = rng.random((4, 5))
+    weight = grad_out[0]
+    pos_weight = grad_out[1, ::-1]
+    expected_loss, expected_grad = fl.binary_cross_entropy_with_logits(
+        x, y, weight=weight.copy(), pos_weight=pos_weight.copy(), return_grad=True
+    )
+    loss, grad = fl.binary_cross_entropy_with_logits(
+        x, y, weight=weight, pos_weight=pos_weight, return_grad=True, grad_out=grad_out
+    )
+    assert grad is grad_out
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_grad_out_same_view_as_logits(rng, name):
+    x, y = make_data(rng)
+    expected_loss, expected_grad = LOSSES[name](x, y, return_grad=True)
+    loss, grad = LOSSES[name](x, y, return_grad=True, grad_out=x)
+    assert grad is x
+    assert loss == expected_loss
+    np.testing.assert_array_equal(x, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
 def test_grad_out_filled_without_return_grad(rng, name):
     x, y = make_data(rng)
     expected_loss, expected_grad = LOSSES[name](x, y, return_grad=True)

@@ -219,3 +219,18 @@ def test_to_scalar_float32_overflow_is_inf():
     assert v.to_scalar(-1e39, np.dtype(np.float32)) == -np.inf
     assert type(v.to_scalar(1e39, np.dtype(np.float64))) is np.float64
     assert np.isnan(v.to_scalar(float("nan"), np.dtype(np.float32)))
+
+
+def test_grad_out_needs_buffer():
+    a = np.arange(12.0).reshape(3, 4)
+    other = np.zeros((3, 4))
+    # The very same view is safe for a kernel that reads each element before
+    # writing it, and any other overlap is not.
+    assert not v.grad_out_needs_buffer(a, [a, other])
+    assert not v.grad_out_needs_buffer(a, [a[...], other])
+    assert not v.grad_out_needs_buffer(other, [a])
+    assert not v.grad_out_needs_buffer(a.T.copy().T, [a])
+    assert not v.grad_out_needs_buffer(None, [a])
+    assert v.grad_out_needs_buffer(a[::-1], [a])
+    assert v.grad_out_needs_buffer(a, [np.broadcast_to(a[0], (3, 4))])
+    assert v.grad_out_needs_buffer(a.view(np.int64), [a])
