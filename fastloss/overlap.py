@@ -93,7 +93,10 @@ _COMMON_DOC = """
     loss, where ``segmentation_models_pytorch``, which multiplies by a mask,
     returns NaN. The mean over zero (sample, class) pairs is ``nan`` with an
     all-zero gradient. Below ``eps`` the denominator is ``eps`` and, as for
-    ``torch.clamp_min``, does not depend on the logits.
+    ``torch.clamp_min``, does not depend on the logits. In ``"multiclass"``
+    mode a single ``+inf`` logit takes all of its position's probability,
+    the limit of the softmax, where ``torch.softmax`` returns NaN. Several
+    ``+inf`` logits at one position have no limit and give NaN.
 
     NOTE: with ``eps=0`` a present class whose denominator is exactly 0
     (possible only for ``tversky_loss`` with ``beta=0`` and ``smooth=0``)

@@ -191,6 +191,27 @@ def test_nan_and_inf_logits(rng):
     assert np.all(np.isfinite(grad[3]))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="log p_t is formed as (z[y] - max) - log1p(rest), which is"
+    " inf - inf = NaN when the target's logit is the one +inf logit, where"
+    " the loss tends to 0 and the gradient to 0",
+)
+@pytest.mark.parametrize("gamma", (0.0, 0.5, 2.0))
+def test_pos_inf_target_logit_is_free(gamma):
+    logits = np.array([[np.inf, 0.0, -1.0], [2.0, 0.0, 1.0]])
+    target = np.array([0, 2])
+    loss, grad = fl.focal_loss(logits, target, gamma=gamma, reduction="none",
+                               return_grad=True)
+    finite_loss, finite_grad = fl.focal_loss(
+        np.where(np.isinf(logits), 1e4, logits), target, gamma=gamma,
+        reduction="none", return_grad=True,
+    )
+    assert loss[0] == 0.0
+    np.testing.assert_array_equal(loss, finite_loss)
+    np.testing.assert_array_equal(grad, finite_grad)
+
+
 def test_ignored_nan_logits_never_contribute(rng):
     logits, target = make_case(rng, (5, 3))
     target[2] = -100

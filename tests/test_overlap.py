@@ -442,6 +442,43 @@ def test_huge_logits_are_finite(rng, name, mode):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_one_inf_logit_gives_softmax_limit(rng, name, probabilities, per_sample):
+    # A single +inf logit at a position takes all of its softmax mass, the
+    # limit as that logit grows. A logit of 1e4 above finite ones already
+    # gives that one-hot softmax exactly in float64.
+    logits, target = make_case(rng, "multiclass")
+    if probabilities:
+        target = np.moveaxis(np.eye(4)[target], -1, 1)
+    top = rng.integers(0, 4, (3, 5, 6))
+    rows = rng.random((3, 5, 6)) < 0.5
+    big = logits.copy()
+    np.put_along_axis(big, top[:, None], np.where(rows, 1e4, logits.max(1))[:, None], 1)
+    infinite = np.where(big == 1e4, np.inf, big)
+    kwargs = dict(per_sample=per_sample, reduction="none", **loss_kwargs(name))
+    expected_loss, expected_grad = LOSSES[name](big, target, return_grad=True, **kwargs)
+    loss, grad = LOSSES[name](infinite, target, return_grad=True, **kwargs)
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_tied_inf_logits_give_nan(name):
+    # Two +inf logits at one position have no limiting softmax, and neither
+    # do all -inf logits: their class sums, and so the loss, are NaN.
+    logits = np.zeros((1, 2, 3))
+    logits[0, :, 0] = np.inf
+    logits[0, :, 1] = -np.inf
+    target = np.array([[0, 1, 1]])
+    for position in (0, 1):
+        x = logits.copy()
+        x[0, :, 1 - position] = 0.0
+        loss = LOSSES[name](x, target, **loss_kwargs(name))
+        assert np.isnan(loss)
+
+
+@pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
 def test_nan_propagates(rng, name, mode):
     logits, target = make_case(rng, mode, absent=())
