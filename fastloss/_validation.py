@@ -5,6 +5,7 @@ names the argument, what was expected and what was received. All checks run
 before any output is allocated or any kernel is called.
 """
 
+import math
 import operator
 
 import numpy as np
@@ -55,7 +56,10 @@ def as_float_array(x, name, dtype=None):
     if dtype is None:
         dtype = compute_dtype(a.dtype)
     if a.dtype != dtype:
-        a = a.astype(dtype)
+        # A float64 value beyond float32's range becomes inf, the value the
+        # kernel would see anyway, so NumPy's overflow warning is noise.
+        with np.errstate(over="ignore"):
+            a = a.astype(dtype)
     return a
 
 
@@ -85,8 +89,9 @@ def as_index_array(x, name, hint=""):
 
 def check_reduction(reduction, allowed=REDUCTIONS):
     """Raise ValueError unless ``reduction`` is one of ``allowed``."""
-    if reduction in allowed and type(reduction) is str:
-        return reduction
+    if isinstance(reduction, str) and reduction in allowed:
+        # A str subclass such as numpy.str_ becomes a plain str.
+        return str(reduction)
     choices = ", ".join(repr(r) for r in allowed)
     raise ValueError(f"reduction must be one of {choices}, got {reduction!r}")
 
@@ -165,8 +170,57 @@ def check_scalar(value, name, low=None, high=None, low_open=False):
     return v
 
 
+# Doubles of at least this magnitude round to +-inf in float32: FLT_MAX plus
+# half an ulp (2**104) rounds away under round-half-to-even.
+_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+
+
+def to_scalar(value, dtype):
+    """Return the Python float ``value`` as a NumPy scalar of ``dtype``.
+
+    A value beyond float32's range becomes +-inf without NumPy's overflow
+    warning.
+    """
+    if dtype.type is np.float32 and abs(value) >= _FLOAT32_OVERFLOW:
+        value = math.copysign(math.inf, value)
+    return dtype.type(value)
+
+
+def grad_out_needs_buffer(grad_out, arrays):
+    """Return True when ``grad_out`` overlaps one of ``arrays`` unsafely.
+
+    This is for kernels that read every input element before they write the
+    gradient element at the same index. For them ``grad_out`` may be the
+    very same view as an input (same data pointer, shape, strides and
+    dtype). Any other overlap, such as a reversed view or a broadcast row,
+    would let the kernel read a gradient element that it has already
+    written, so the caller computes into a fresh array and copies that to
+    ``grad_out``.
+    """
+    if grad_out is None:
+        return False
+    for a in arrays:
+        if a is None or not np.may_share_memory(grad_out, a):
+            continue
+        same_view = (
+            a.dtype == grad_out.dtype
+            and a.shape == grad_out.shape
+            and a.strides == grad_out.strides
+            and a.__array_interface__["data"][0]
+            == grad_out.__array_interface__["data"][0]
+        )
+        if not same_view:
+            return True
+    return False
+
+
 def normalize_axis(axis, ndim, name="axis"):
-    """Return ``axis`` as a non-negative index into ``ndim`` dimensions."""
+    """Return ``axis`` as a non-negative index into ``ndim`` dimensions.
+
+    A bool raises TypeError, as it does for NumPy's reductions.
+    """
+    if isinstance(axis, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an int, got bool")
     try:
         a = operator.index(axis)
     except TypeError:

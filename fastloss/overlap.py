@@ -93,7 +93,10 @@ _COMMON_DOC = """
     loss, where ``segmentation_models_pytorch``, which multiplies by a mask,
     returns NaN. The mean over zero (sample, class) pairs is ``nan`` with an
     all-zero gradient. Below ``eps`` the denominator is ``eps`` and, as for
-    ``torch.clamp_min``, does not depend on the logits.
+    ``torch.clamp_min``, does not depend on the logits. In ``"multiclass"``
+    mode a single ``+inf`` logit takes all of its position's probability,
+    the limit of the softmax, where ``torch.softmax`` returns NaN. Several
+    ``+inf`` logits at one position have no limit and give NaN.
 
     NOTE: with ``eps=0`` a present class whose denominator is exactly 0
     (possible only for ``tversky_loss`` with ``beta=0`` and ``smooth=0``)
@@ -223,7 +226,7 @@ def _overlap_loss(
     ``coefficients`` is ``(a, kI, kP, kY)`` of the shared form
     ``1 - (a*I + smooth) / max(kI*I + kP*P + kY*Y + smooth, eps)``.
     """
-    if mode not in MODES or type(mode) is not str:
+    if not isinstance(mode, str) or mode not in MODES:
         choices = ", ".join(repr(m) for m in MODES)
         raise ValueError(f"mode must be one of {choices}, got {mode!r}")
     logits = v.as_float_array(logits, "logits")
@@ -232,8 +235,9 @@ def _overlap_loss(
         raise ValueError(
             "logits must have at least 1 dimension (the class axis), got a 0-d array"
         )
-    if logits.ndim == 1 and axis == 1:
-        # (C,) logits hold one sample, so the default axis means axis 0.
+    if logits.ndim == 1 and axis == 1 and not isinstance(axis, (bool, np.bool_)):
+        # (C,) logits hold one sample, so the default axis means axis 0. A
+        # bool equals 1 but is left to normalize_axis, which rejects it.
         class_axis = 0
     else:
         class_axis = v.normalize_axis(axis, logits.ndim)
@@ -245,7 +249,7 @@ def _overlap_loss(
     ignore = _check_ignore_index(ignore_index)
     if type(per_sample) is not bool and not isinstance(per_sample, np.bool_):
         raise TypeError(f"per_sample must be a bool, got {type(per_sample).__name__}")
-    v.check_reduction(reduction)
+    reduction = v.check_reduction(reduction)
     nt = v.resolve_n_threads(n_threads)
     if per_sample and class_axis == 0 and logits.ndim > 1 and mode != "binary":
         raise ValueError(
@@ -279,9 +283,16 @@ def _overlap_loss(
 
     grad = grad_view = grad_base = None
     # A grad_out is filled even with return_grad=False, as NumPy's out= is.
+    # One that overlaps an input other than as its very same view gets the
+    # gradient through a buffer, because the second pass reads the inputs.
     write_grad = return_grad or grad_out is not None
     if write_grad:
-        grad = grad_out if grad_out is not None else np.empty(logits.shape, dtype)
+        if grad_out is not None and not v.grad_out_needs_buffer(
+            grad_out, (logits, target_view)
+        ):
+            grad = grad_out
+        else:
+            grad = np.empty(logits.shape, dtype)
         grad_view, grad_base = _grad_view(grad, grad_axis)
     kernel_grad = grad_view if grad_view is not None else _PLACEHOLDERS[dtype]
     a, k_i, k_p, k_y = coefficients
@@ -303,6 +314,9 @@ def _overlap_loss(
         )
     if grad_base is not None and grad_base is not grad:
         grad[...] = grad_base.reshape(grad.shape)
+    if grad_out is not None and grad is not grad_out:
+        grad_out[...] = grad
+        grad = grad_out
 
     if reduction == "none":
         shape = (n_samples, n_classes) if per_sample else (n_classes,)

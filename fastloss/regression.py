@@ -20,7 +20,9 @@ from ._validation import (
     check_reduction,
     check_same_shape,
     check_scalar,
+    grad_out_needs_buffer,
     resolve_n_threads,
+    to_scalar,
 )
 
 __all__ = [
@@ -37,10 +39,6 @@ _ndarray = np.ndarray
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _PARALLEL_MIN_ITEMS = _kernels.PARALLEL_MIN_ITEMS
-
-# Doubles of at least this magnitude round to +-inf in float32: FLT_MAX plus
-# half an ulp (2**104) rounds away under round-half-to-even.
-_FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 
 
 class _LossKernels:
@@ -60,16 +58,6 @@ _SMOOTH_L1 = _LossKernels("smooth_l1")
 _HUBER = _LossKernels("huber")
 _LOG_COSH = _LossKernels("log_cosh")
 _PINBALL = _LossKernels("pinball")
-
-
-def _to_scalar(value, dtype):
-    """Return the Python float ``value`` as a NumPy scalar of ``dtype``.
-
-    A float32 overflow becomes inf without NumPy's cast warning.
-    """
-    if dtype is _F32 and abs(value) >= _FLOAT32_OVERFLOW:
-        value = math.copysign(math.inf, value)
-    return dtype.type(value)
 
 
 def _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
@@ -97,13 +85,17 @@ class _Prepared:
     """Validated inputs and outputs, and 2-D views of them for the kernels."""
 
     __slots__ = (
-        "dtype", "n", "pred", "weight", "grad", "out",
+        "dtype", "n", "pred", "weight", "grad", "out", "grad_out",
         "pred_view", "target_view", "weight_view", "grad_view", "out_view",
         "n_threads",
     )
 
     def copy_back(self):
-        """Copy grad and out from their views where ``as_2d_views`` copied."""
+        """Copy grad and out from their views where ``as_2d_views`` copied.
+
+        A gradient computed into a buffer, because ``grad_out`` overlaps an
+        input, is then copied to ``grad_out``, which becomes ``self.grad``.
+        """
         if self.grad_view is not None and not np.may_share_memory(
             self.grad_view, self.grad
         ):
@@ -112,6 +104,10 @@ class _Prepared:
             self.out_view, self.out
         ):
             self.out[...] = self.out_view.reshape(self.out.shape)
+        if self.grad_out is not None:
+            self.grad_out[...] = self.grad
+            self.grad = self.grad_out
+            self.grad_out = None
 
 
 def _as_aligned(a):
@@ -137,8 +133,12 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     if weight is not None:
         w = _as_aligned(as_float_array(weight, "weight", dtype))
         check_same_shape(p, w, "pred", "weight")
+    buffered_grad_out = None
     if grad_out is not None:
         grad = check_grad_out(grad_out, p.shape, dtype)
+        if grad_out_needs_buffer(grad, (p, t, w)):
+            buffered_grad_out = grad
+            grad = np.empty_like(p)
     elif return_grad:
         # empty_like keeps pred's memory order, so an F-ordered pred and its
         # gradient still merge into one run.
@@ -153,6 +153,7 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     prep.pred = p
     prep.weight = w
     prep.grad = grad
+    prep.grad_out = buffered_grad_out
     prep.out = out
     prep.n_threads = n_threads
     present = [a for a in (p, t, w, grad, out) if a is not None]
@@ -216,7 +217,7 @@ def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
             total /= weight_total
 
     prep.copy_back()
-    loss = _to_scalar(total, prep.dtype)
+    loss = to_scalar(total, prep.dtype)
     return (loss, prep.grad) if return_grad else loss
 
 
@@ -237,7 +238,7 @@ def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, n_thread
         total = kernel(pred, target, grad, None, param, 1.0 / n, n_threads) / n
     else:
         total = kernel(pred, target, grad, None, param, 1.0, n_threads)
-    loss = _to_scalar(total, dtype)
+    loss = to_scalar(total, dtype)
     return (loss, grad) if return_grad else loss
 
 
@@ -256,7 +257,7 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     The gradient ``w * d / (denominator * rmse)`` needs the total first, so
     this takes two passes: squared-error sum, then the scaled gradient.
     """
-    if type(reduction) is str and reduction == "none":
+    if isinstance(reduction, str) and reduction == "none":
         raise ValueError(
             "reduction must be 'mean' or 'sum' for rmse_loss, got 'none': the"
             " root of one squared error is abs(d), which"
@@ -278,7 +279,7 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
             else:
                 kernel(pred, target, grad, None, 0.0, 0.5 / (denominator * value),
                        n_threads)
-        loss = _to_scalar(value, dtype)
+        loss = to_scalar(value, dtype)
         return (loss, grad) if return_grad else loss
 
     reduction = check_reduction(reduction, ("mean", "sum"))
@@ -302,7 +303,7 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
             kernel(prep.pred_view, prep.target_view, prep.weight_view, prep.grad_view,
                    None, 0.0, 0.5 / (denominator * value), prep.n_threads)
         prep.copy_back()
-    loss = _to_scalar(value, prep.dtype)
+    loss = to_scalar(value, prep.dtype)
     return (loss, prep.grad) if return_grad else loss
 
 

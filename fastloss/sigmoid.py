@@ -219,9 +219,14 @@ def _run(call, arrays, logits, reduction, return_grad, grad_out):
         loss_out = np.empty_like(logits, dtype=dtype)
         outputs.append(loss_out)
     # A grad_out is filled even with return_grad=False, as NumPy's out= is.
+    # One that overlaps an input other than as its very same view gets the
+    # gradient through a buffer.
     write_grad = return_grad or grad_out is not None
     if write_grad:
-        grad = grad_out if grad_out is not None else np.empty_like(logits, dtype=dtype)
+        if grad_out is not None and not v.grad_out_needs_buffer(grad_out, arrays):
+            grad = grad_out
+        else:
+            grad = np.empty_like(logits, dtype=dtype)
         outputs.append(grad)
 
     views = v.as_3d_views(arrays + outputs)
@@ -235,12 +240,15 @@ def _run(call, arrays, logits, reduction, return_grad, grad_out):
     for output, view in zip(outputs, out_views):
         if not np.may_share_memory(output, view):
             output[...] = view.reshape(shape)
+    if grad_out is not None and grad is not grad_out:
+        grad_out[...] = grad
+        grad = grad_out
     if write_loss:
         loss = loss_out
     elif reduction == "sum":
-        loss = dtype.type(total)
+        loss = v.to_scalar(total, dtype)
     else:
-        loss = dtype.type(total / n) if n > 0 else dtype.type(np.nan)
+        loss = v.to_scalar(total / n, dtype) if n > 0 else dtype.type(np.nan)
     if return_grad:
         return loss, grad
     return loss

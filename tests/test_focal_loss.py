@@ -191,6 +191,27 @@ def test_nan_and_inf_logits(rng):
     assert np.all(np.isfinite(grad[3]))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="log p_t is formed as (z[y] - max) - log1p(rest), which is"
+    " inf - inf = NaN when the target's logit is the one +inf logit, where"
+    " the loss tends to 0 and the gradient to 0",
+)
+@pytest.mark.parametrize("gamma", (0.0, 0.5, 2.0))
+def test_pos_inf_target_logit_is_free(gamma):
+    logits = np.array([[np.inf, 0.0, -1.0], [2.0, 0.0, 1.0]])
+    target = np.array([0, 2])
+    loss, grad = fl.focal_loss(logits, target, gamma=gamma, reduction="none",
+                               return_grad=True)
+    finite_loss, finite_grad = fl.focal_loss(
+        np.where(np.isinf(logits), 1e4, logits), target, gamma=gamma,
+        reduction="none", return_grad=True,
+    )
+    assert loss[0] == 0.0
+    np.testing.assert_array_equal(loss, finite_loss)
+    np.testing.assert_array_equal(grad, finite_grad)
+
+
 def test_ignored_nan_logits_never_contribute(rng):
     logits, target = make_case(rng, (5, 3))
     target[2] = -100
@@ -199,6 +220,22 @@ def test_ignored_nan_logits_never_contribute(rng):
     loss, grad = fl.focal_loss(logits, target, return_grad=True)
     assert loss == expected[0]
     np.testing.assert_array_equal(grad, expected[1])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the kernel stores exp(z - max) in the gradient slots and then"
+    " reads logits[y] again, so a grad_out that is the logits array itself"
+    " gives a wrong loss and gradient",
+)
+def test_grad_out_aliasing_logits(rng):
+    logits, target = make_case(rng, (6, 4))
+    target[:] = np.argmin(logits, axis=1)
+    expected_loss, expected_grad = fl.focal_loss(logits, target, return_grad=True)
+    loss, grad = fl.focal_loss(logits, target, return_grad=True, grad_out=logits)
+    assert grad is logits
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
 
 
 def test_channels_last_matches_class_axis_1(rng):

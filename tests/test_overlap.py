@@ -442,6 +442,43 @@ def test_huge_logits_are_finite(rng, name, mode):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("probabilities", [False, True])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_one_inf_logit_gives_softmax_limit(rng, name, probabilities, per_sample):
+    # A single +inf logit at a position takes all of its softmax mass, the
+    # limit as that logit grows. A logit of 1e4 above finite ones already
+    # gives that one-hot softmax exactly in float64.
+    logits, target = make_case(rng, "multiclass")
+    if probabilities:
+        target = np.moveaxis(np.eye(4)[target], -1, 1)
+    top = rng.integers(0, 4, (3, 5, 6))
+    rows = rng.random((3, 5, 6)) < 0.5
+    big = logits.copy()
+    np.put_along_axis(big, top[:, None], np.where(rows, 1e4, logits.max(1))[:, None], 1)
+    infinite = np.where(big == 1e4, np.inf, big)
+    kwargs = dict(per_sample=per_sample, reduction="none", **loss_kwargs(name))
+    expected_loss, expected_grad = LOSSES[name](big, target, return_grad=True, **kwargs)
+    loss, grad = LOSSES[name](infinite, target, return_grad=True, **kwargs)
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_tied_inf_logits_give_nan(name):
+    # Two +inf logits at one position have no limiting softmax, and neither
+    # do all -inf logits: their class sums, and so the loss, are NaN.
+    logits = np.zeros((1, 2, 3))
+    logits[0, :, 0] = np.inf
+    logits[0, :, 1] = -np.inf
+    target = np.array([[0, 1, 1]])
+    for position in (0, 1):
+        x = logits.copy()
+        x[0, :, 1 - position] = 0.0
+        loss = LOSSES[name](x, target, **loss_kwargs(name))
+        assert np.isnan(loss)
+
+
+@pytest.mark.parametrize("name", LOSSES)
 @pytest.mark.parametrize("mode", ["multiclass", "multilabel"])
 def test_nan_propagates(rng, name, mode):
     logits, target = make_case(rng, mode, absent=())
@@ -461,6 +498,17 @@ def test_float16_computes_in_float32(rng, name):
     np.testing.assert_allclose(
         loss, numpy_reference(name, half.astype(np.float64), target), rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_float32_target_cast_overflow_is_inf(name):
+    # 1e300 has no float32 value, so the target becomes inf, with no warning.
+    logits = np.zeros((1, 2, 2), np.float32)
+    target = np.array([[[1e300, 0.0], [1.0, 1.0]]])
+    losses = LOSSES[name](logits, target, mode="multilabel", reduction="none")
+    assert losses.dtype == np.float32
+    assert np.isnan(losses[0])
+    assert np.isfinite(losses[1])
 
 
 def _layouts(x):
@@ -581,6 +629,38 @@ def test_grad_out_is_used(rng, mode):
     np.testing.assert_array_equal(strided, expected)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("mode, aliased", [
+    ("multiclass", "logits"), ("multilabel", "logits"), ("multilabel", "target"),
+    ("binary", "logits"), ("binary", "target"),
+])
+def test_grad_out_overlapping_input(rng, name, mode, aliased):
+    # grad_out is the reversed view of an input, so the second pass would
+    # read logits (or targets) that it has already overwritten.
+    logits, target = make_case(rng, mode, binary_layout="own")
+    kwargs = dict(mode=mode, **loss_kwargs(name))
+    expected_loss, expected_grad = LOSSES[name](logits, target, return_grad=True,
+                                                **kwargs)
+    grad_out = {"logits": logits, "target": target}[aliased][::-1, ::-1]
+    loss, grad = LOSSES[name](logits, target, return_grad=True, grad_out=grad_out,
+                              **kwargs)
+    assert grad is grad_out
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_grad_out_same_view_as_logits(rng, mode):
+    logits, target = make_case(rng, mode)
+    expected_loss, expected_grad = fl.dice_loss(logits, target, mode=mode,
+                                                return_grad=True)
+    loss, grad = fl.dice_loss(logits, target, mode=mode, return_grad=True,
+                              grad_out=logits)
+    assert grad is logits
+    assert loss == expected_loss
+    np.testing.assert_array_equal(logits, expected_grad)
+
+
 @pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
 def test_grad_out_filled_without_return_grad(rng, mode):
     logits, target = make_case(rng, mode)
@@ -630,6 +710,7 @@ def test_parameter_errors(rng, name):
         (dict(reduction="avg"), ValueError, "reduction must be one of"),
         (dict(axis=4), ValueError, "axis 4 is out of bounds for an array with 4 dimensions"),
         (dict(axis=1.0), TypeError, "axis must be an int, got float"),
+        (dict(axis=True), TypeError, "axis must be an int, got bool"),
         (dict(n_threads=0), ValueError, "n_threads must be None or an int >= 1, got 0"),
         (dict(return_grad=True, grad_out=np.empty(3)), ValueError,
          r"grad_out must have shape \(3, 4, 5, 6\)"),
@@ -637,6 +718,22 @@ def test_parameter_errors(rng, name):
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
             fn(logits, target, **kwargs)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("axis", [True, np.bool_(True)])
+def test_class_vector_rejects_bool_axis(name, axis):
+    with pytest.raises(TypeError, match="axis must be an int, got bool"):
+        LOSSES[name](np.zeros(3), np.int64(1), axis=axis)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
+def test_numpy_str_mode_and_reduction(rng, name, mode):
+    logits, target = make_case(rng, mode)
+    expected = LOSSES[name](logits, target, mode=mode, reduction="none")
+    losses = LOSSES[name](logits, target, mode=np.str_(mode), reduction=np.str_("none"))
+    np.testing.assert_array_equal(losses, expected)
 
 
 def test_tversky_parameter_errors(rng):

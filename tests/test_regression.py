@@ -343,6 +343,16 @@ def test_float32_pred_casts_float64_target(rng):
 
 
 @pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+def test_float32_target_cast_overflow_is_inf(func):
+    # 1e300 has no float32 value: the target becomes inf, with no warning.
+    pred = np.zeros(3, np.float32)
+    target = np.array([1e300, 0.0, 0.0])
+    loss = func(pred, target, reduction="sum")
+    assert type(loss) is np.float32
+    assert loss == np.inf
+
+
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
 def test_zero_dim_and_scalars(func):
     loss, grad = func(np.float64(2.5), 1.0, return_grad=True)
     assert type(loss) is np.float64
@@ -522,6 +532,37 @@ def test_grad_out_equal_to_pred(rng):
                           grad_out=pred)
     assert grad is pred
     np.testing.assert_array_equal(pred, expected)
+
+
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+@pytest.mark.parametrize("aliased", ["pred", "target", "weight"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_out_overlapping_input(func, aliased, reduction, rng):
+    # grad_out is the reversed view of an input, so writing the gradient in
+    # order would overwrite elements that are still to be read.
+    pred, target = make_inputs(rng, (7, 6), np.float64)
+    weight = make_weight("random", pred.shape, rng)
+    expected_loss, expected_grad = func(pred, target, weight=weight,
+                                        reduction=reduction, return_grad=True)
+    inputs = {"pred": pred, "target": target, "weight": weight}
+    grad_out = inputs[aliased][::-1, ::-1]
+    loss, grad = func(pred, target, weight=weight, reduction=reduction,
+                      return_grad=True, grad_out=grad_out)
+    assert grad is grad_out
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+def test_grad_out_same_view_as_target(func, rng):
+    pred, target = make_inputs(rng, (4, 5), np.float64)
+    expected_loss, expected_grad = func(pred, target, reduction="sum",
+                                        return_grad=True)
+    loss, grad = func(pred, target, reduction="sum", return_grad=True,
+                      grad_out=target)
+    assert grad is target
+    assert loss == expected_loss
+    np.testing.assert_array_equal(target, expected_grad)
 
 
 # ---------------------------------------------------------------------------
@@ -794,6 +835,21 @@ def test_rmse_rejects_reduction_none():
         fl.rmse_loss(x, x, reduction="none")
     with pytest.raises(ValueError, match="reduction must be one of 'mean', 'sum', got"):
         fl.rmse_loss(x.tolist(), x, reduction="max")
+
+
+@pytest.mark.parametrize("func", ALL_FUNCS, ids=FUNC_IDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_numpy_str_reduction(func, reduction, rng):
+    pred, target = make_inputs(rng, (6,), np.float64)
+    expected = func(pred, target, reduction=reduction)
+    assert func(pred, target, reduction=np.str_(reduction)) == expected
+
+
+def test_rmse_rejects_numpy_str_none():
+    x = np.zeros(3)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum' for"
+                       " rmse_loss, got 'none'"):
+        fl.rmse_loss(x, x, reduction=np.str_("none"))
 
 
 def test_errors_raised_before_grad_out_written():

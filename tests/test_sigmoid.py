@@ -356,6 +356,36 @@ def test_dtype_rules(rng, name, dtype, expected):
     )
 
 
+@pytest.mark.parametrize(
+    "name, reduction, kwargs",
+    [
+        ("bce", "sum", {}),
+        ("bce", "mean", {"pos_weight": np.float32(10.0)}),
+        ("focal", "sum", {"alpha": -1}),
+    ],
+)
+def test_float32_loss_overflow_is_inf(name, reduction, kwargs):
+    # Each element costs about 3e38 (3e39 with pos_weight 10), so the sum,
+    # and that mean, exceed float32's range and round to inf.
+    logits = np.full(4, -3e38, np.float32)
+    target = np.ones(4, np.float32)
+    loss = LOSSES[name](logits, target, reduction=reduction, **kwargs)
+    assert type(loss) is np.float32
+    assert loss == np.inf
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_float32_target_cast_overflow_is_inf(name):
+    # 1e300 has no float32 value, so the target becomes inf, with no warning,
+    # and an infinite target gives inf - inf.
+    logits = np.ones(3, np.float32)
+    target = np.array([1e300, 0.0, 0.0])
+    loss = LOSSES[name](logits, target, reduction="none")
+    assert loss.dtype == np.float32
+    assert np.isnan(loss[0])
+    assert np.isfinite(loss[1:]).all()
+
+
 def _layouts(x):
     yield "c", x
     yield "f", np.asfortranarray(x)
@@ -460,6 +490,51 @@ def test_grad_out_is_used(rng, name):
 
 
 @pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("aliased", ["logits", "target"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_out_overlapping_input(rng, name, aliased, reduction):
+    # grad_out is the reversed view of an input, so writing the gradient in
+    # order would overwrite elements that are still to be read.
+    x, y = make_data(rng, soft=True)
+    expected_loss, expected_grad = LOSSES[name](x, y, reduction=reduction,
+                                                return_grad=True)
+    grad_out = {"logits": x, "target": y}[aliased][::-1]
+    loss, grad = LOSSES[name](x, y, reduction=reduction, return_grad=True,
+                              grad_out=grad_out)
+    assert grad is grad_out
+    np.testing.assert_array_equal(loss, expected_loss)
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_bce_grad_out_overlapping_broadcast_weight(rng):
+    # The weight is one row of grad_out, broadcast over every row: writing
+    # row 0 of the gradient would change the weight of the later rows.
+    x, y = make_data(rng, shape=(4, 5))
+    grad_out = rng.random((4, 5))
+    weight = grad_out[0]
+    pos_weight = grad_out[1, ::-1]
+    expected_loss, expected_grad = fl.binary_cross_entropy_with_logits(
+        x, y, weight=weight.copy(), pos_weight=pos_weight.copy(), return_grad=True
+    )
+    loss, grad = fl.binary_cross_entropy_with_logits(
+        x, y, weight=weight, pos_weight=pos_weight, return_grad=True, grad_out=grad_out
+    )
+    assert grad is grad_out
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_grad_out_same_view_as_logits(rng, name):
+    x, y = make_data(rng)
+    expected_loss, expected_grad = LOSSES[name](x, y, return_grad=True)
+    loss, grad = LOSSES[name](x, y, return_grad=True, grad_out=x)
+    assert grad is x
+    assert loss == expected_loss
+    np.testing.assert_array_equal(x, expected_grad)
+
+
+@pytest.mark.parametrize("name", LOSSES)
 def test_grad_out_filled_without_return_grad(rng, name):
     x, y = make_data(rng)
     expected_loss, expected_grad = LOSSES[name](x, y, return_grad=True)
@@ -500,6 +575,15 @@ def test_common_errors(rng, name):
         fn(x, y, return_grad=True, grad_out=np.empty(x.shape, np.float32))
     with pytest.raises(ValueError, match="n_threads must be None or an int >= 1"):
         fn(x, y, n_threads=0)
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_numpy_str_reduction(rng, name, reduction):
+    x, y = make_data(rng)
+    expected = LOSSES[name](x, y, reduction=reduction)
+    np.testing.assert_array_equal(LOSSES[name](x, y, reduction=np.str_(reduction)),
+                                  expected)
 
 
 def test_bce_weight_errors(rng):

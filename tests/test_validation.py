@@ -188,3 +188,49 @@ def test_as_3d_views_copies_beyond_three_runs(rng):
     assert np.shares_memory(vx, x)
     assert not np.shares_memory(vy, y)
     np.testing.assert_array_equal(vy.reshape(x.shape), y)
+
+
+def test_as_float_array_overflow_to_inf_without_warning():
+    # float64 values beyond float32's range become inf in a float32 compute
+    # dtype, as the cast itself gives, but no RuntimeWarning escapes.
+    a = v.as_float_array(np.array([1e300, -1e40, 1.0]), "target", np.dtype(np.float32))
+    assert a.dtype == np.float32
+    assert a[0] == np.inf
+    assert a[1] == -np.inf
+    assert a[2] == 1.0
+
+
+@pytest.mark.parametrize("axis", [True, False, np.bool_(True)])
+def test_normalize_axis_rejects_bool(axis):
+    with pytest.raises(TypeError, match="axis must be an int, got bool"):
+        v.normalize_axis(axis, 3)
+
+
+def test_check_reduction_accepts_str_subclass():
+    reduction = v.check_reduction(np.str_("sum"))
+    assert reduction == "sum"
+    assert type(reduction) is str
+
+
+def test_to_scalar_float32_overflow_is_inf():
+    value = v.to_scalar(1e39, np.dtype(np.float32))
+    assert type(value) is np.float32
+    assert value == np.inf
+    assert v.to_scalar(-1e39, np.dtype(np.float32)) == -np.inf
+    assert type(v.to_scalar(1e39, np.dtype(np.float64))) is np.float64
+    assert np.isnan(v.to_scalar(float("nan"), np.dtype(np.float32)))
+
+
+def test_grad_out_needs_buffer():
+    a = np.arange(12.0).reshape(3, 4)
+    other = np.zeros((3, 4))
+    # The very same view is safe for a kernel that reads each element before
+    # writing it, and any other overlap is not.
+    assert not v.grad_out_needs_buffer(a, [a, other])
+    assert not v.grad_out_needs_buffer(a, [a[...], other])
+    assert not v.grad_out_needs_buffer(other, [a])
+    assert not v.grad_out_needs_buffer(a.T.copy().T, [a])
+    assert not v.grad_out_needs_buffer(None, [a])
+    assert v.grad_out_needs_buffer(a[::-1], [a])
+    assert v.grad_out_needs_buffer(a, [np.broadcast_to(a[0], (3, 4))])
+    assert v.grad_out_needs_buffer(a.view(np.int64), [a])

@@ -30,7 +30,7 @@
 
 from cython.parallel cimport prange, threadid
 
-from libc.math cimport exp
+from libc.math cimport exp, INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, malloc, free
 
@@ -70,8 +70,13 @@ cdef inline void softmax_at(const floating[:, :, :] logits, Py_ssize_t o,
     # Shifting by the maximum keeps exp() in range. A NaN logit is never the
     # maximum, but it makes the sum NaN and so every probability of the
     # position NaN, as torch.softmax does.
+    #
+    # A single +inf logit gets probability 1 and the others 0, the limit as
+    # it grows, where inf - inf would give NaN. Several +inf logits have no
+    # limit, so they give NaN, as all -inf logits do through -inf - -inf.
     cdef Py_ssize_t n_classes = logits.shape[1]
     cdef Py_ssize_t c
+    cdef Py_ssize_t n_top = 0
     cdef double zmax = logits[o, 0, i]
     cdef double total = 0.0
     cdef double z
@@ -80,9 +85,22 @@ cdef inline void softmax_at(const floating[:, :, :] logits, Py_ssize_t o,
         z = logits[o, c, i]
         if z > zmax:
             zmax = z
-    for c in range(n_classes):
-        p[c] = exp(logits[o, c, i] - zmax)
-        total += p[c]
+    if zmax == INFINITY:
+        for c in range(n_classes):
+            z = logits[o, c, i]
+            if z == INFINITY:
+                p[c] = 1.0
+                n_top += 1
+            else:
+                # 0 below +inf, NaN for a NaN logit.
+                p[c] = exp(z - zmax)
+            total += p[c]
+        if n_top > 1:
+            total = NAN
+    else:
+        for c in range(n_classes):
+            p[c] = exp(logits[o, c, i] - zmax)
+            total += p[c]
     for c in range(n_classes):
         p[c] = p[c] / total
 
