@@ -72,4 +72,9 @@ def test_loss_matches_cross_entropy(logits, data):
     d = fl.diagnose(logits, target)
     loss, grad = fl.cross_entropy(logits, target, return_grad=True)
     assert d.stats["loss"] == pytest.approx(float(loss), rel=1e-9, abs=1e-12)
-    assert d.stats["grad_norm"] == pytest.approx(np.linalg.norm(grad), rel=1e-7, abs=1e-12)
+    # The kernel forms each position's |p - onehot|^2 as sum(p^2) - 2 p_t + 1,
+    # which cancels when p is nearly one-hot: its absolute error is a few ulp
+    # of 1 per position, so compare squared norms with that bound.
+    n_positions = target.size
+    bound = 8 * np.finfo(np.float64).eps * n_positions / n_positions**2
+    assert abs(d.stats["grad_norm"] ** 2 - np.linalg.norm(grad) ** 2) <= bound
