@@ -875,6 +875,7 @@ def test_dice_evaluated_whole(capsys, tmp_path, rng):
 
 def test_demo_prints_report(capsys):
     pytest.importorskip("sklearn")
+    pytest.importorskip("skimage")
 
     status = cli.main(["demo"])
     out, err = capsys.readouterr()
@@ -886,6 +887,7 @@ def test_demo_prints_report(capsys):
     for name, _ in REGRESSION_CASES:
         assert f"  {name} " in out
     assert "rmse_loss" in out
+    assert "Segmentation: coins" in out
 
 
 def test_demo_without_scikit_learn(capsys, monkeypatch):
