@@ -53,9 +53,10 @@ def run(stream):
         if importlib.util.find_spec(name) is None
     })
     if missing:
+        verb = "is" if len(missing) == 1 else "are"
         raise MissingDependencyError(
-            f"fastloss demo needs {', '.join(missing)}, which is not installed:"
-            f" {INSTALL_HINT}"
+            f"fastloss demo needs {', '.join(missing)}, which {verb} not"
+            f" installed: {INSTALL_HINT}"
         )
 
     def write(line=""):

@@ -274,3 +274,23 @@ def test_demo_without_scikit_image(capsys, monkeypatch):
     assert 'pip install "fastloss[demo]"' in err
     assert "Traceback" not in err
 
+
+def test_demo_without_both_libraries(capsys, monkeypatch):
+    real_find_spec = demo.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name in ("skimage", "sklearn"):
+            return None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(demo.importlib.util, "find_spec", find_spec)
+
+    status = cli.main(["demo"])
+    out, err = capsys.readouterr()
+
+    assert status == 2
+    assert out == ""
+    assert err.startswith(
+        "fastloss: error: fastloss demo needs skimage, sklearn, which are not"
+        " installed:")
+    assert 'pip install "fastloss[demo]"' in err
