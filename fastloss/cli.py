@@ -465,11 +465,11 @@ def _run_diagnose(args, extra):
 def _add_demo(subparsers):
     parser = subparsers.add_parser(
         "demo",
-        help="fit a model to a bundled data set with fastloss gradients",
+        help="fit models to bundled data sets with fastloss gradients",
         description=(
             "Run the fastloss demonstration on data sets that scikit-learn"
-            ' ships, without downloading anything. Needs pip install'
-            ' "fastloss[demo]".'
+            " and scikit-image ship, without downloading anything. Needs pip"
+            ' install "fastloss[demo]".'
         ),
     )
     parser.set_defaults(run=_run_demo)

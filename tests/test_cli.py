@@ -887,6 +887,7 @@ def test_demo_prints_report(capsys):
     for name, _ in REGRESSION_CASES:
         assert f"  {name} " in out
     assert "rmse_loss" in out
+    assert "Segmentation: coins" in out
 
 
 def test_demo_without_scikit_learn(capsys, monkeypatch):
