@@ -117,7 +117,10 @@ class BuildExt(build_ext):
         else:
             # -O3 for the vectorizer; no -march, so wheels run on any CPU of
             # their architecture. -fno-math-errno lets exp and log inline.
-            opt_args = ["-O3", "-fno-math-errno"]
+            # -fno-trapping-math lets GCC turn a select on a floating-point
+            # comparison into a SIMD blend: no kernel unmasks floating-point
+            # exceptions, and rounding stays IEEE (no reassociation).
+            opt_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 
         omp = None if NO_OPENMP else openmp_flags(compiler)
         if omp is None and not NO_OPENMP:

@@ -2,9 +2,11 @@
 
 Each public function validates its inputs, allocates the outputs with NumPy
 and calls one compiled kernel from ``fastloss._kernels._regression``.
-Unweighted C-contiguous float32 or float64 arrays take a short path that
-skips the general conversion and layout steps. Every other input goes
-through ``as_2d_views`` to a strided kernel, which reads it in place.
+Unweighted C-contiguous float32 or float64 arrays, with or without a
+C-contiguous ``grad_out``, take a short path that skips the general
+conversion and layout steps. Every other input goes through
+``as_2d_views`` to a strided kernel, which reads it in place. Float32 inputs
+are computed per element in float32 (as PyTorch does) and summed in double.
 """
 
 import math
@@ -64,13 +66,15 @@ def _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
     """Return 32 or 64 when the short contiguous path applies, else 0.
 
     The path takes unweighted C-contiguous float32 or float64 ndarrays of
-    one shape and no ``grad_out``. The kernel module checks the arrays.
+    one shape, and a ``grad_out`` that is None or such an array too. The
+    kernel module checks the arrays; any other input takes the general path,
+    which also raises the errors.
     """
-    if weight is not None or grad_out is not None or type(reduction) is not str:
+    if weight is not None or type(reduction) is not str:
         return 0
     if reduction not in REDUCTIONS:
         return 0
-    return _kernels.plain_contiguous_kind(pred, target)
+    return _kernels.plain_contiguous_kind(pred, target, grad_out)
 
 
 def _contiguous_threads(n, n_threads):
@@ -171,7 +175,7 @@ def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
     """Compute an elementwise loss, its reduction and its gradient."""
     if _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
         return _evaluate_contiguous(
-            kernels, pred, target, reduction, return_grad, n_threads, param
+            kernels, pred, target, reduction, return_grad, grad_out, n_threads, param
         )
 
     reduction = check_reduction(reduction)
@@ -221,14 +225,19 @@ def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
     return (loss, prep.grad) if return_grad else loss
 
 
-def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, n_threads,
-                         param):
+def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, grad_out,
+                         n_threads, param):
     """Short path of ``_evaluate`` for plain C-contiguous unweighted arrays."""
     dtype = pred.dtype
     kernel = kernels.contig_f64 if dtype is _F64 else kernels.contig_f32
     n = pred.size
     n_threads = _contiguous_threads(n, n_threads)
-    grad = np.empty_like(pred) if return_grad else None
+    if grad_out is not None:
+        grad = grad_out
+    elif return_grad:
+        grad = np.empty_like(pred)
+    else:
+        grad = None
 
     if reduction == "none":
         out = np.empty_like(pred)
@@ -271,9 +280,10 @@ def _rmse(pred, target, weight, reduction, return_grad, grad_out, n_threads):
         total = kernel(pred, target, None, None, 0.0, 1.0, n_threads)
         denominator = n if reduction == "mean" else 1
         value = _root_of_total(total, denominator)
-        grad = None
-        if return_grad:
+        grad = grad_out
+        if grad is None and return_grad:
             grad = np.empty_like(pred)
+        if grad is not None:
             if value == 0:
                 grad.fill(0)
             else:

@@ -873,3 +873,33 @@ def test_layouts_bit_identical(case, rng):
         loss, grad = case(p, target, return_grad=True)
         assert _bits(loss) == _bits(expected[0]), layout
         assert _bits(grad) == _bits(expected[1]), layout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_contiguous_and_strided_bit_identical(case, dtype, rng):
+    # Lengths around multiples of the 8 accumulator lanes and of a block, so
+    # the vectorized groups, their tails and the strided loop all meet.
+    for n in [1, 7, 8, 9, 17, 4095, 4097]:
+        pred, target = make_inputs(rng, (n,), dtype)
+        target[: min(n, 2)] = pred[: min(n, 2)]
+        strided = np.repeat(pred, 2)[::2]
+        for reduction in REDUCTIONS:
+            expected_loss, expected_grad = case(pred, target, reduction=reduction,
+                                                return_grad=True)
+            loss, grad = case(strided, target, reduction=reduction, return_grad=True)
+            msg = f"n={n}, {reduction}"
+            assert _bits(loss) == _bits(expected_loss), msg
+            assert _bits(grad) == _bits(expected_grad), msg
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_contiguous_grad_out_is_used(dtype, rng):
+    pred, target = make_inputs(rng, (3, 50), dtype)
+    grad_out = np.full(pred.shape, np.nan, dtype)
+    loss, grad = fl.huber_loss(pred, target, return_grad=True, grad_out=grad_out)
+    assert grad is grad_out
+    assert np.shares_memory(grad, grad_out)
+    expected_loss, expected_grad = fl.huber_loss(pred, target, return_grad=True)
+    assert _bits(loss) == _bits(expected_loss)
+    assert _bits(grad_out) == _bits(expected_grad)
