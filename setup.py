@@ -117,7 +117,15 @@ class BuildExt(build_ext):
         else:
             # -O3 for the vectorizer; no -march, so wheels run on any CPU of
             # their architecture. -fno-math-errno lets exp and log inline.
-            opt_args = ["-O3", "-fno-math-errno"]
+            # -fno-trapping-math lets gcc if-convert floating-point selects
+            # (x > c ? c : x), which loops must be free of to vectorize; no
+            # kernel reads or traps on floating-point exception flags, and
+            # results are unchanged (clang assumes this by default).
+            # -ffp-contract=off keeps a*b+c from fusing into an FMA in some
+            # loops and not others, which on FMA targets (aarch64) would make
+            # the kernels' layouts differ in the last bit.
+            opt_args = ["-O3", "-fno-math-errno", "-fno-trapping-math",
+                        "-ffp-contract=off"]
 
         omp = None if NO_OPENMP else openmp_flags(compiler)
         if omp is None and not NO_OPENMP:

@@ -384,18 +384,7 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
     xv, _ = _class_view(x, class_axis)
     tv = _label_view(t, class_axis)
     grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis)
-
-    scale = 1.0
-    if return_grad:
-        # Validate the targets and find the mean's divisor before any write.
-        weight_sum, bad = _softmax.scan_labels(tv, w, ignore, n_threads)
-        if bad >= 0:
-            _raise_bad_label(t, bad, x.shape[class_axis], ignore)
-        if reduction == "mean":
-            if weight_sum == 0.0:
-                grad[...] = 0
-                return dtype.type(np.nan), grad
-            scale = 1.0 / weight_sum
+    mean = reduction == "mean"
 
     if reduction == "none":
         losses = np.empty(t.shape, dtype)
@@ -404,14 +393,20 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
         losses = None
         lv = _NO_LOSSES[dtype]
 
+    # A grad_out of the caller's must stay untouched when a target is bad,
+    # so the kernel checks the targets before it writes there. A gradient
+    # allocated here is simply dropped on error.
     loss_sum, weight_sum, bad = kernel(
-        xv, tv, w, ignore, param, scale, gv, lv, return_grad, losses is not None,
-        n_threads,
+        xv, tv, w, ignore, param, gv, lv, return_grad, losses is not None, mean,
+        grad_out is not None, n_threads,
     )
     if bad >= 0:
         _raise_bad_label(t, bad, x.shape[class_axis], ignore)
     if return_grad:
-        _finish_grad(grad, gbase)
+        if mean and weight_sum == 0.0:
+            grad[...] = 0
+        else:
+            _finish_grad(grad, gbase)
 
     if reduction == "none":
         loss = losses
