@@ -38,6 +38,7 @@
 # against [0, C) before reading ``weight[y]`` or ``logits[y]`` and records the
 # flat index of the first bad one, which the wrapper turns into an error.
 
+cimport numpy as cnp
 from cython.parallel cimport prange
 from libc.math cimport exp, expm1, log1p, pow
 from libc.stdint cimport int64_t
@@ -45,6 +46,8 @@ from libc.stdlib cimport free, malloc
 
 from ._common cimport BLOCK_SIZE, floating, n_blocks, sum_partials, threads_for
 from ._fastmath cimport fast_exp, fl_log1p
+
+cnp.import_array()
 
 cdef enum:
     KIND_CE_LABELS = 0
@@ -282,7 +285,7 @@ cdef Py_ssize_t _ce_tile(
     cdef int ci
     cdef floating v, e, wc, mj
     cdef double w_y, loss_j, coef_j, grad_y_j
-    cdef int hit, is_top
+    cdef int is_max
     cdef floating m[MAX_TILE]
     cdef floating z_y[MAX_TILE]
     cdef floating e_y[MAX_TILE]
@@ -292,8 +295,8 @@ cdef Py_ssize_t _ce_tile(
     cdef double smooth[MAX_TILE]
     cdef double w_ys[MAX_TILE]
     cdef double losses[MAX_TILE]
-    cdef int found[MAX_TILE]
-    cdef int y_top[MAX_TILE]
+    cdef int n_max[MAX_TILE]
+    cdef int y_is_max[MAX_TILE]
     cdef int cls[MAX_TILE]
     cdef int keep[MAX_TILE]
     cdef const floating* zrow
@@ -333,18 +336,17 @@ cdef Py_ssize_t _ce_tile(
             mj = m[j]
             m[j] = v if v > mj else mj
 
-    # exp(z - m), stored in the gradient and summed in class order over
-    # every class but the first argmax (the first class equal to m).
+    # exp(z - m), stored in the gradient. rest sums it over every class
+    # below the max, and n_max counts the classes at the max: each of those
+    # has exp(0) = 1 (also for an infinite max, where z - m is NaN), and all
+    # but one of them belong in rest. Leaving that one out of the sum keeps
+    # 1 - p accurate when p is near 1.
     for j in range(count):
         rest[j] = 0.0
         smooth[j] = 0.0
-        z_y[j] = 0
-        e_y[j] = 0
-        found[j] = 0
-        y_top[j] = 0
+        n_max[j] = 0
     for c in range(n):
         zrow = z + c * zc
-        ci = <int>c
         # Two copies of one loop, because a store under "if g != NULL"
         # inside the loop keeps gcc from vectorizing it.
         if g != NULL:
@@ -352,34 +354,37 @@ cdef Py_ssize_t _ce_tile(
             for j in range(count):
                 v = zrow[j]
                 e = fast_exp(v - m[j])
-                is_top = (v == m[j]) & (found[j] == 0)
-                found[j] = found[j] | is_top
-                e = 1 if is_top else e
-                grow[j] = e
-                rest[j] += 0.0 if is_top else <double>e
-                hit = cls[j] == ci
-                z_y[j] = v if hit else z_y[j]
-                e_y[j] = e if hit else e_y[j]
-                y_top[j] = y_top[j] | (is_top & hit)
+                is_max = v == m[j]
+                n_max[j] += is_max
+                grow[j] = 1 if is_max else e
+                e = 0 if is_max else e
+                rest[j] += e
         else:
             for j in range(count):
                 v = zrow[j]
                 e = fast_exp(v - m[j])
-                is_top = (v == m[j]) & (found[j] == 0)
-                found[j] = found[j] | is_top
-                e = 1 if is_top else e
-                rest[j] += 0.0 if is_top else <double>e
-                hit = cls[j] == ci
-                z_y[j] = v if hit else z_y[j]
-                e_y[j] = e if hit else e_y[j]
-                y_top[j] = y_top[j] | (is_top & hit)
+                is_max = v == m[j]
+                n_max[j] += is_max
+                e = 0 if is_max else e
+                rest[j] += e
         if smoothing > 0.0 and w[c] != 0.0:
             wc = w[c]
             for j in range(count):
                 smooth[j] += wc * (<double>m[j] - zrow[j])
+    # A NaN max (n_max = 0) makes rest NaN, as the NaN terms already do.
+    for j in range(count):
+        rest[j] += n_max[j] - 1
+    # The target's logit, and its exp as the pass above computed it.
+    for j in range(count):
+        z_y[j] = z[cls[j] * zc + j] if cls[j] >= 0 else 0
+    for j in range(count):
+        e = fast_exp(z_y[j] - m[j])
+        y_is_max[j] = z_y[j] == m[j]
+        e_y[j] = 1 if y_is_max[j] else e
+
     for j in range(count):
         _ce_position(
-            rest[j], m[j], z_y[j], e_y[j], y_top[j], w_ys[j], pb.weight_total,
+            rest[j], m[j], z_y[j], e_y[j], y_is_max[j], w_ys[j], pb.weight_total,
             smoothing, eps_c, smooth[j], scale, &loss_j, &coef_j, &grad_y_j,
         )
         losses[j] = loss_j if keep[j] else 0.0
@@ -444,6 +449,8 @@ cdef void _run_block_tiles(
     cdef floating* g_buf = NULL
 
     tile = MAX_TILE if tile > MAX_TILE else (MIN_TILE if tile < MIN_TILE else tile)
+    if tile > stop - start:
+        tile = stop - start
     if packed:
         z_buf = <floating*>malloc(tile * n * sizeof(floating))
         g_buf = <floating*>malloc(tile * n * sizeof(floating))
@@ -600,11 +607,26 @@ cdef void _run_block(
     bad_out[0] = bad
 
 
+cdef inline void _run_one_block(
+    const floating* z0, const Problem* pb, Py_ssize_t n_positions, Py_ssize_t b,
+    Py_ssize_t nb, double* parts, Py_ssize_t* bads,
+) noexcept nogil:
+    cdef Py_ssize_t start = b * BLOCK_SIZE
+    cdef Py_ssize_t stop = start + BLOCK_SIZE
+
+    if stop > n_positions:
+        stop = n_positions
+    if pb.kind == KIND_CE_LABELS:
+        _run_block_tiles(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
+    else:
+        _run_block(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
+
+
 cdef tuple _run(const floating* z0, const Problem* pb, Py_ssize_t n_positions,
                 int n_threads):
     """Run every block in parallel; return (loss sum, weight sum, first bad)."""
     cdef Py_ssize_t nb = n_blocks(n_positions)
-    cdef Py_ssize_t b, start, stop
+    cdef Py_ssize_t b
     cdef Py_ssize_t bad = -1
     cdef double loss_sum, weight_sum
     cdef int threads = threads_for(n_positions * pb.n_classes, n_threads)
@@ -620,15 +642,14 @@ cdef tuple _run(const floating* z0, const Problem* pb, Py_ssize_t n_positions,
         free(bads)
         raise MemoryError()
 
-    for b in prange(nb, nogil=True, schedule="static", num_threads=threads):
-        start = b * BLOCK_SIZE
-        stop = start + BLOCK_SIZE
-        if stop > n_positions:
-            stop = n_positions
-        if pb.kind == KIND_CE_LABELS:
-            _run_block_tiles(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
-        else:
-            _run_block(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
+    if threads == 1:
+        # Same blocks, same order, without the cost of starting a team.
+        with nogil:
+            for b in range(nb):
+                _run_one_block(z0, pb, n_positions, b, nb, parts, bads)
+    else:
+        for b in prange(nb, nogil=True, schedule="static", num_threads=threads):
+            _run_one_block(z0, pb, n_positions, b, nb, parts, bads)
 
     loss_sum = sum_partials(parts, nb)
     weight_sum = sum_partials(parts + nb, nb)
@@ -861,6 +882,21 @@ cdef void _scan_block(
     bad_out[0] = bad
 
 
+cdef inline void _scan_one_block(
+    const floating* w, const Problem* pb, Py_ssize_t n_positions, Py_ssize_t b,
+    double* parts, Py_ssize_t* bads,
+) noexcept nogil:
+    cdef Py_ssize_t start = b * BLOCK_SIZE
+    cdef Py_ssize_t stop = start + BLOCK_SIZE
+
+    if stop > n_positions:
+        stop = n_positions
+    _scan_block(
+        pb.labels, pb.y_outer, pb.y_inner, pb.inner, w, pb.n_classes,
+        pb.ignore_index, start, stop, &parts[b], &bads[b],
+    )
+
+
 cdef int _scan(
     const floating* w, const Problem* pb, Py_ssize_t n_positions, int n_threads,
     double* weight_sum_out, Py_ssize_t* bad_out,
@@ -871,7 +907,7 @@ cdef int _scan(
     it equals their weight sum bit for bit.
     """
     cdef Py_ssize_t nb = n_blocks(n_positions)
-    cdef Py_ssize_t b, start, stop
+    cdef Py_ssize_t b
     cdef int threads = threads_for(n_positions, n_threads)
     cdef double* parts = <double*>malloc(nb * sizeof(double))
     cdef Py_ssize_t* bads = <Py_ssize_t*>malloc(nb * sizeof(Py_ssize_t))
@@ -880,15 +916,13 @@ cdef int _scan(
         free(parts)
         free(bads)
         raise MemoryError()
-    for b in prange(nb, nogil=True, schedule="static", num_threads=threads):
-        start = b * BLOCK_SIZE
-        stop = start + BLOCK_SIZE
-        if stop > n_positions:
-            stop = n_positions
-        _scan_block(
-            pb.labels, pb.y_outer, pb.y_inner, pb.inner, w,
-            pb.n_classes, pb.ignore_index, start, stop, &parts[b], &bads[b],
-        )
+    if threads == 1:
+        with nogil:
+            for b in range(nb):
+                _scan_one_block(w, pb, n_positions, b, parts, bads)
+    else:
+        for b in prange(nb, nogil=True, schedule="static", num_threads=threads):
+            _scan_one_block(w, pb, n_positions, b, parts, bads)
     weight_sum_out[0] = sum_partials(parts, nb)
     bad_out[0] = -1
     for b in range(nb):
@@ -898,3 +932,12 @@ cdef int _scan(
     free(parts)
     free(bads)
     return 0
+
+
+def is_c_contiguous(cnp.ndarray a):
+    """Return whether ``a`` is C-contiguous.
+
+    Reading ``a.flags.c_contiguous`` builds a flags object, which costs
+    more than a 16-element cross-entropy.
+    """
+    return cnp.PyArray_IS_C_CONTIGUOUS(a)
