@@ -31,7 +31,7 @@ __all__ = ["cross_entropy", "focal_loss"]
 
 
 # Placeholder outputs for the probability kernel's grad and losses arguments
-# when they are not requested, so that the fused kernel still sees one dtype.
+# when they are not requested, so that the fused kernel still gets one dtype.
 _NO_GRAD = {
     np.dtype(np.float32): np.empty((0, 0, 0), np.float32),
     np.dtype(np.float64): np.empty((0, 0, 0), np.float64),
@@ -139,6 +139,10 @@ def cross_entropy(
     term, as in PyTorch). Where PyTorch computes ``0 * -inf = nan`` for a
     ``-inf`` logit whose target mass or class weight is 0, this function
     leaves the class out and returns the limit: no cost and zero gradient.
+    A ``+inf`` logit likewise takes its position's whole probability, shared
+    equally among several, so that a finite target logit there costs
+    ``inf`` with a finite gradient, while a ``+inf`` target logit gives NaN
+    (``inf - inf``).
 
     Examples
     --------

@@ -1,36 +1,42 @@
 # Softmax cross-entropy and softmax focal loss kernels.
 #
-# Layers, bottom up:
+# The class-index cross-entropy, bottom up:
 #
-# 1. ``_shifted_exps``: one position's max, argmax and ``sum(exp(z - max))``
-#    over the other classes, optionally storing each ``exp(z - max)`` in the
-#    gradient slots so that the gradient step reads them back from cache
-#    instead of calling ``exp`` again.
-# 2. ``_ce_label_one``, ``_ce_probs_one``, ``_focal_one``: the loss of one
-#    position and its gradient, already multiplied by ``scale``.
-# 3. ``_run_block``: the positions of one BLOCK_SIZE block, summing their
-#    losses and their target weights in double.
-# 4. ``_run`` and the ``def`` kernels: prange over the blocks and the fixed
-#    order combination of the block sums (``_common.sum_partials``), so the
-#    sums are bit-identical for every thread count.
+# 1. ``_ce_tile``: a tile of up to MAX_TILE positions, laid out class-major
+#    (``z[c * zc + j]``), in passes that loop over the classes outside and
+#    the positions inside, so that gcc vectorizes every inner loop with
+#    unit stride: the max, ``exp(z - max)`` with the vectorizable
+#    ``fast_exp`` of fastmath.h (stored in the gradient), the
+#    per-position finish (``_ce_position``, with ``fl_log1p``), and the
+#    gradient.
+# 2. ``_run_block_tiles``: the positions of one BLOCK_SIZE block, cut into
+#    tiles. With class axis 1 the positions of one row are contiguous and a
+#    tile is read and written in place; any other layout (channels-last,
+#    strided) is copied into a class-major buffer and back, so every
+#    layout runs the same arithmetic and gives the same bits.
+#
+# The class-probability cross-entropy and the focal loss still go one
+# position at a time: ``_shifted_exps`` (max, argmax and the sum of
+# ``exp(z - max)`` over the other classes, with libm's exp), then
+# ``_ce_probs_one`` or ``_focal_one``, in ``_run_block``.
+#
+# ``_run`` and the ``def`` kernels: the blocks in parallel (prange), or in a
+# plain loop when one thread suffices, and the fixed-order combination of
+# the block sums (``_common.sum_partials``), so the sums are bit-identical
+# for every thread count.
 #
 # Every array is an ``(outer, C, inner)`` view (targets and per-position
 # losses ``(outer, inner)``): a position is a pair ``(o, i)`` and its flat
-# index is ``o * inner + i``, the C-order index into the target's shape. The
-# kernels walk positions in that order and each position's classes with the
-# class stride, so any strides work, channels-last (class stride 1) and
-# class axis 1 (class stride ``inner``) alike.
+# index is ``o * inner + i``, the C-order index into the target's shape.
+# ``(outer, C, 1)`` arrays are treated as ``(1, C, outer)``, which has the
+# same flat indices, so F-order ``(N, C)`` logits also read in place.
 #
-# NOTE: for class axis 1 a tile of neighbouring positions processed class by
-# class would let the compiler vectorize the max and the stores. It has not
-# been measured against the scalar ``exp`` calls that dominate either way.
-#
-# Scaling: a kernel multiplies the gradient by ``scale``, which the wrapper
-# sets to 1 for "sum" and "none" and to 1 / (sum of the kept targets'
-# weights) for "mean". That sum comes from ``scan_labels``, a cheap pass over
-# the targets alone (8 bytes per position), which costs less than writing an
-# unscaled gradient and reading and writing it again (2 * C values per
-# position). The loss is divided in Python.
+# Scaling: a kernel multiplies the gradient by ``scale``, 1 for "sum" and
+# "none" and 1 / (sum of the kept targets' weights) for "mean". That sum
+# comes from ``_scan``, a pass over the targets alone (8 bytes per
+# position) inside the same call, which costs less than writing an unscaled
+# gradient and reading and writing it again (2 * C values per position).
+# The loss is divided in Python.
 #
 # The wrapper guarantees: C >= 1, strides that are multiples of the item
 # size, a C-contiguous weight of length C in the compute dtype, and a grad of
