@@ -118,9 +118,9 @@ class BuildExt(build_ext):
             # -O3 for the vectorizer; no -march, so wheels run on any CPU of
             # their architecture. -fno-math-errno lets exp and log inline.
             # -fno-trapping-math lets gcc if-convert floating-point selects
-            # (x > c ? c : x), which loops must be free of to vectorize; no
-            # kernel reads or traps on floating-point exception flags, and
-            # results are unchanged (clang assumes this by default).
+            # (x > c ? c : x), so that loops containing them vectorize. It
+            # changes no result, because no kernel reads or traps on
+            # floating-point exception flags (clang assumes this by default).
             # -ffp-contract=off keeps a*b+c from fusing into an FMA in some
             # loops and not others, which on FMA targets (aarch64) would make
             # the kernels' layouts differ in the last bit.

@@ -9,7 +9,12 @@ import pytest
 
 from fastloss._kernels import _fastmath
 
-mpmath = pytest.importorskip("mpmath")
+try:
+    import mpmath
+except ImportError:  # pragma: no cover - mpmath is an optional test dependency
+    mpmath = None
+
+needs_mpmath = pytest.mark.skipif(mpmath is None, reason="mpmath is not installed")
 
 MAX_ULP = 2.0
 
@@ -51,6 +56,7 @@ def test_expf_whole_range_within_2_ulp(rng):
     assert error.max() <= MAX_ULP
 
 
+@needs_mpmath
 def test_exp_whole_range_within_2_ulp(rng):
     x = np.concatenate([
         np.linspace(-745.0, 709.78, 1001),
@@ -64,8 +70,8 @@ def test_exp_whole_range_within_2_ulp(rng):
 
 
 def test_exp_matches_numpy_in_bulk(rng):
-    # np.exp is within 1 ulp of the exact value, so 3 ulp from it bounds the
-    # error at 2 ulp plus NumPy's own.
+    # A looser bound against np.exp, which has rounding errors of its own,
+    # over many more points than the mpmath sample.
     x = rng.uniform(-745.0, 709.78, 1_000_000)
     error = ulp_error(fast_exp(x), np.exp(x), np.float64)
     assert error.max() <= MAX_ULP + 1.0
@@ -106,6 +112,7 @@ def test_exp_contiguous_and_vectorized_lanes_agree(rng):
     np.testing.assert_array_equal(fast_exp(x), alone)
 
 
+@needs_mpmath
 def test_log1p_within_2_ulp(rng):
     x = np.concatenate([
         np.logspace(-300, 300, 1201),
