@@ -405,13 +405,32 @@ def _label_view(t, class_axis):
     return index_view(t, class_axis)
 
 
-def _grad_views(return_grad, grad_out, x, class_axis):
-    """Return ``(grad, view, base)`` for the kernel to write the gradient into."""
+def _grad_views(return_grad, grad_out, x, class_axis, inputs):
+    """Return ``(grad, view, base)`` for the kernel to write the gradient into.
+
+    ``base`` is a fresh array, copied to ``grad_out`` by ``_finish_grad``,
+    when ``grad_out`` may share memory with one of ``inputs``.
+    """
     if not return_grad:
         return None, _NO_GRAD[x.dtype], None
-    grad = grad_out if grad_out is not None else np.empty(x.shape, x.dtype)
-    view, base = _class_view(grad, class_axis)
-    return grad, view, base
+    if grad_out is None or _overlaps_any(grad_out, inputs):
+        base = np.empty(x.shape, x.dtype)
+        view, _ = _class_view(base, class_axis)
+        return (base if grad_out is None else grad_out), view, base
+    view, base = _class_view(grad_out, class_axis)
+    return grad_out, view, base
+
+
+def _overlaps_any(grad_out, inputs):
+    # _validation.grad_out_needs_buffer lets grad_out be the very same view
+    # as an input, which is safe only for kernels that read each input
+    # element before writing its gradient. These kernels are not: they store
+    # exp(z - max) in a position's gradient slots and then read logits[y],
+    # the class-probability targets and the weights again.
+    for a in inputs:
+        if np.may_share_memory(grad_out, a):
+            return True
+    return False
 
 
 def _finish_grad(grad, base):
@@ -435,7 +454,7 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
         grad = gbase = np.empty(x.shape, dtype)
         gv = grad.reshape(xv.shape)
     else:
-        grad, gv, gbase = _grad_views(True, grad_out, x, class_axis)
+        grad, gv, gbase = _grad_views(True, grad_out, x, class_axis, (x, t, w))
 
     if reduction == "none":
         losses = np.empty(t.shape, dtype)
@@ -473,7 +492,7 @@ def _run_probs(x, t, class_axis, w, smoothing, reduction, return_grad, grad_out,
     dtype = x.dtype
     xv, _ = _class_view(x, class_axis)
     tv, _ = _class_view(t, class_axis)
-    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis)
+    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis, (x, t, w))
     n_positions = xv.shape[0] * xv.shape[2]
 
     scale = 1.0
