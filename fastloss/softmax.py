@@ -24,6 +24,7 @@ from ._validation import (
     index_view,
     normalize_axis,
     resolve_n_threads,
+    to_scalar,
 )
 
 __all__ = ["cross_entropy", "focal_loss"]
@@ -480,9 +481,9 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
     if reduction == "none":
         loss = losses
     elif reduction == "sum":
-        loss = dtype.type(loss_sum)
+        loss = to_scalar(loss_sum, dtype)
     else:
-        loss = dtype.type(loss_sum / weight_sum if weight_sum != 0.0 else np.nan)
+        loss = to_scalar(loss_sum / weight_sum if weight_sum != 0.0 else math.nan, dtype)
     return (loss, grad) if return_grad else loss
 
 
@@ -519,9 +520,9 @@ def _run_probs(x, t, class_axis, w, smoothing, reduction, return_grad, grad_out,
     if reduction == "none":
         loss = losses
     elif reduction == "sum":
-        loss = dtype.type(loss_sum)
+        loss = to_scalar(loss_sum, dtype)
     else:
-        loss = dtype.type(loss_sum / n_positions if n_positions else np.nan)
+        loss = to_scalar(loss_sum / n_positions if n_positions else math.nan, dtype)
     return (loss, grad) if return_grad else loss
 
 
