@@ -143,7 +143,9 @@ def cross_entropy(
     A ``+inf`` logit likewise takes its position's whole probability, shared
     equally among several, so that a finite target logit there costs
     ``inf`` with a finite gradient, while a ``+inf`` target logit gives NaN
-    (``inf - inf``).
+    (``inf - inf``). A class weight is used only through the classes that
+    carry target mass, so a NaN or inf weight of a class that no target
+    uses costs nothing when ``label_smoothing`` is 0.
 
     Examples
     --------

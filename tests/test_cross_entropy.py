@@ -365,13 +365,6 @@ def test_zero_weight_class_never_contributes(rng):
     np.testing.assert_array_equal(grad, 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gradient coefficient adds label_smoothing / C * sum(weight)"
-    " even when label_smoothing is 0, so a NaN or inf weight of a class that"
-    " no target uses turns 0 * NaN into a NaN gradient everywhere while the"
-    " loss stays finite; PyTorch 2.13 returns a finite gradient",
-)
 @pytest.mark.parametrize("unused_weight", [np.nan, np.inf])
 def test_unused_class_weight_leaves_grad_finite(rng, unused_weight):
     logits = rng.standard_normal((4, 3))
@@ -383,6 +376,24 @@ def test_unused_class_weight_leaves_grad_finite(rng, unused_weight):
     )
     assert loss == expected_loss
     np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_probs_zero_mass_class_weight_is_unused(rng):
+    logits, target = make_case(rng, (5, 3), probs=True)
+    target[:, 2] = 0.0
+    target /= target.sum(1, keepdims=True)
+    expected_loss, expected_grad = fl.cross_entropy(
+        logits, target, weight=[1.0, 2.0, 5.0], return_grad=True
+    )
+    for unused_weight in (np.nan, np.inf):
+        loss, grad = fl.cross_entropy(logits, target, weight=[1.0, 2.0, unused_weight],
+                                      return_grad=True)
+        assert loss == expected_loss
+        np.testing.assert_array_equal(grad, expected_grad)
+    # Under smoothing every class has mass, so the NaN weight propagates.
+    loss = fl.cross_entropy(logits, target, weight=[1.0, 2.0, np.nan],
+                            label_smoothing=0.1)
+    assert np.isnan(loss)
 
 
 def test_ignore_index_inside_class_range(rng):

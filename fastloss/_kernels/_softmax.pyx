@@ -144,7 +144,9 @@ cdef inline double _ce_probs_one(
     ``loss = -sum_c a[c] * lp[c]`` with ``a[c] = w[c] * ((1 - eps) * t[c] +
     eps / C)``, and ``d loss / d z[k] = A * p[k] - a[k]``, ``A = sum a``.
     PyTorch computes ``0 * -inf = nan`` for a ``-inf`` logit whose ``a[c]``
-    is 0; this kernel leaves such a class out and returns the limit.
+    is 0; this kernel leaves such a class out and returns the limit. A class
+    of zero target mass (``t'[c] = 0``) is left out whatever its weight, so
+    a NaN or inf weight there costs nothing, as for class-index targets.
     """
     cdef Py_ssize_t c, top
     cdef double m, rest, log_rest, a, a_total, loss, coef
@@ -157,7 +159,7 @@ cdef inline double _ce_probs_one(
     loss = 0.0
     a_total = 0.0
     for c in range(n):
-        a = w[c] * (keep * t[c * tc] + eps_c)
+        a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
         a_total += a
         if a != 0.0:
             loss += a * ((m - z[c * zc]) + log_rest)
@@ -165,9 +167,14 @@ cdef inline double _ce_probs_one(
     if g != NULL:
         coef = scale * a_total / (1.0 + rest)
         for c in range(n):
-            a = w[c] * (keep * t[c * tc] + eps_c)
+            a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
             g[c * gc] = <floating>(coef * g[c * gc] - scale * a)
     return loss
+
+
+cdef inline double _class_coefficient(double w_c, double mass) noexcept nogil:
+    """Return ``w_c * mass``, or 0 for a class of zero mass whatever ``w_c``."""
+    return w_c * mass if mass != 0.0 else 0.0
 
 
 cdef inline double _focal_one(
@@ -249,7 +256,7 @@ cdef inline void _ce_position(
     cdef double denom = 1.0 + rest
     cdef double a_y = (1.0 - smoothing) * w_y
     cdef double p_y = e_y / denom
-    cdef double p_y_minus_1
+    cdef double p_y_minus_1, coef, grad_y
     cdef double loss = -a_y * lp if a_y != 0.0 else 0.0
 
     loss += eps_c * (smooth + w_total * log_rest) if smoothing > 0.0 else 0.0
@@ -257,9 +264,18 @@ cdef inline void _ce_position(
     # elsewhere p_y <= 1/2. The term 0 * (z_y - m) makes a +inf argmax
     # (inf - inf) give NaN, as the loss does.
     p_y_minus_1 = -rest / denom + 0.0 * (z_y - m) if y_is_top else p_y - 1.0
+    # The smoothing terms are left out, not multiplied by 0, when smoothing
+    # is 0: a NaN or inf weight of a class that no target uses then leaves
+    # the gradient finite, and an inf target weight meets no 0 * inf.
+    if smoothing > 0.0:
+        coef = a_y + eps_c * w_total
+        grad_y = a_y * p_y_minus_1 + eps_c * (w_total * p_y - w_y)
+    else:
+        coef = a_y
+        grad_y = a_y * p_y_minus_1
     loss_out[0] = loss
-    coef_out[0] = scale * (a_y + eps_c * w_total) / denom
-    grad_y_out[0] = scale * (a_y * p_y_minus_1 + eps_c * (w_total * p_y - w_y))
+    coef_out[0] = scale * coef / denom
+    grad_y_out[0] = scale * grad_y
 
 
 cdef Py_ssize_t _ce_tile(
