@@ -142,10 +142,13 @@ def cross_entropy(
     leaves the class out and returns the limit: no cost and zero gradient.
     A ``+inf`` logit likewise takes its position's whole probability, shared
     equally among several, so that a finite target logit there costs
-    ``inf`` with a finite gradient, while a ``+inf`` target logit gives NaN
-    (``inf - inf``). A class weight is used only through the classes that
-    carry target mass, so a NaN or inf weight of a class that no target
-    uses costs nothing when ``label_smoothing`` is 0.
+    ``inf`` with a finite gradient. A ``+inf`` target logit takes its share
+    of the probability: alone it costs 0, with a zero gradient, where
+    PyTorch returns NaN (``inf - inf``). With ``label_smoothing > 0`` a
+    finite logit of nonzero weight beside a ``+inf`` one costs ``inf``.
+    A class weight is used only through the classes that carry target mass,
+    so a NaN or inf weight of a class that no target uses costs nothing
+    when ``label_smoothing`` is 0.
 
     Examples
     --------
@@ -235,7 +238,9 @@ def focal_loss(
     Notes
     -----
     PyTorch has no softmax focal loss; the keywords and the reductions follow
-    :func:`cross_entropy`. Class-probability targets are not accepted.
+    :func:`cross_entropy`, as do the limits at infinite logits: a ``+inf``
+    target logit alone gives ``p_t = 1``, a loss of 0 and a zero gradient.
+    Class-probability targets are not accepted.
 
     References
     ----------

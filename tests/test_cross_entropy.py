@@ -500,12 +500,6 @@ def test_neg_inf_target_logit_costs_inf():
                                rtol=1e-15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the log-softmax of the target is formed as (z[y] - max) - log1p(rest),"
-    " which is inf - inf = NaN when the target's logit is the one +inf logit,"
-    " where the loss tends to 0 and the gradient to 0",
-)
 @pytest.mark.parametrize("probs", [False, True])
 def test_pos_inf_target_logit_is_free(probs):
     logits = np.array([[np.inf, 0.0, -1.0], [2.0, 0.0, 1.0]])
@@ -899,12 +893,46 @@ def test_pos_inf_logits_give_the_limit(order):
     np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0], [0.5, 0.5, -1.0]])
 
 
-def test_pos_inf_target_logit_is_nan():
-    # inf - inf has no limit here, as in PyTorch.
-    losses, grad = fl.cross_entropy(np.array([[np.inf, 0.0]]), np.array([0]),
-                                    reduction="none", return_grad=True)
-    assert np.isnan(losses[0])
-    assert np.isnan(grad[0, 0])
+@pytest.mark.parametrize("probs", [False, True])
+def test_pos_inf_target_logit_shares_probability(probs):
+    # Two +inf logits share the probability, so the target gets 1/2. PyTorch
+    # 2.13 returns NaN (inf - inf) for any +inf target logit.
+    logits = np.array([[np.inf, np.inf, 0.0]])
+    target = np.array([0])
+    if probs:
+        target = np.eye(3)[target]
+    losses, grad = fl.cross_entropy(logits, target, reduction="none",
+                                    return_grad=True)
+    np.testing.assert_allclose(losses, [np.log(2.0)], rtol=1e-15)
+    np.testing.assert_array_equal(grad, [[-0.5, 0.5, 0.0]])
+
+
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("layout", ["2-d", "channels-last", "positions-contiguous"])
+def test_pos_inf_max_with_smoothing(probs, layout):
+    # A finite logit costs inf under smoothing; the gradient is the limit.
+    logits = np.array([[np.inf, 0.0, -1.0], [2.0, np.inf, 1.0], [2.0, 0.0, 1.0]])
+    target = np.array([0, 2, 1])
+    if probs:
+        target = np.eye(3)[target]
+    axis = 1
+    if layout == "channels-last":
+        # The tile kernel packs this layout into a class-major buffer.
+        logits, axis = logits[None], -1
+        target = target[None]
+    elif layout == "positions-contiguous":
+        # (1, C, 3): the tile kernel reads the positions in place.
+        logits = np.ascontiguousarray(logits.T)[None]
+        target = np.ascontiguousarray(np.moveaxis(target, -1, 0))[None] if probs \
+            else target[None]
+    kwargs = dict(label_smoothing=0.1, axis=axis, reduction="none", return_grad=True)
+    loss, grad = fl.cross_entropy(logits, target, **kwargs)
+    finite_loss, finite_grad = fl.cross_entropy(
+        np.where(np.isinf(logits), 1e4, logits), target, **kwargs
+    )
+    np.testing.assert_array_equal(loss.ravel()[:2], np.inf)
+    assert loss.ravel()[2] == finite_loss.ravel()[2]
+    np.testing.assert_array_equal(grad, finite_grad)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
