@@ -156,7 +156,7 @@ def cross_entropy(
     >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
     >>> loss, grad = fl.cross_entropy(logits, np.array([0, 2]), return_grad=True)
     >>> round(float(loss), 6)
-    0.168311
+    0.168117
     """
     x, t, class_axis, probs, dtype = _prepare(logits, target, axis, probabilities=True)
     reduction = check_reduction(reduction)
