@@ -24,6 +24,7 @@ from ._validation import (
     index_view,
     normalize_axis,
     resolve_n_threads,
+    to_scalar,
 )
 
 __all__ = ["cross_entropy", "focal_loss"]
@@ -141,8 +142,13 @@ def cross_entropy(
     leaves the class out and returns the limit: no cost and zero gradient.
     A ``+inf`` logit likewise takes its position's whole probability, shared
     equally among several, so that a finite target logit there costs
-    ``inf`` with a finite gradient, while a ``+inf`` target logit gives NaN
-    (``inf - inf``).
+    ``inf`` with a finite gradient. A ``+inf`` target logit takes its share
+    of the probability: alone it costs 0, with a zero gradient, where
+    PyTorch returns NaN (``inf - inf``). With ``label_smoothing > 0`` a
+    finite logit of nonzero weight beside a ``+inf`` one costs ``inf``.
+    A class weight is used only through the classes that carry target mass,
+    so a NaN or inf weight of a class that no target uses costs nothing
+    when ``label_smoothing`` is 0.
 
     Examples
     --------
@@ -150,7 +156,7 @@ def cross_entropy(
     >>> logits = np.array([[2.0, 0.5, -1.0], [0.0, 0.0, 3.0]])
     >>> loss, grad = fl.cross_entropy(logits, np.array([0, 2]), return_grad=True)
     >>> round(float(loss), 6)
-    0.168311
+    0.168117
     """
     x, t, class_axis, probs, dtype = _prepare(logits, target, axis, probabilities=True)
     reduction = check_reduction(reduction)
@@ -232,7 +238,9 @@ def focal_loss(
     Notes
     -----
     PyTorch has no softmax focal loss; the keywords and the reductions follow
-    :func:`cross_entropy`. Class-probability targets are not accepted.
+    :func:`cross_entropy`, as do the limits at infinite logits: a ``+inf``
+    target logit alone gives ``p_t = 1``, a loss of 0 and a zero gradient.
+    Class-probability targets are not accepted.
 
     References
     ----------
@@ -405,13 +413,32 @@ def _label_view(t, class_axis):
     return index_view(t, class_axis)
 
 
-def _grad_views(return_grad, grad_out, x, class_axis):
-    """Return ``(grad, view, base)`` for the kernel to write the gradient into."""
+def _grad_views(return_grad, grad_out, x, class_axis, inputs):
+    """Return ``(grad, view, base)`` for the kernel to write the gradient into.
+
+    ``base`` is a fresh array, copied to ``grad_out`` by ``_finish_grad``,
+    when ``grad_out`` may share memory with one of ``inputs``.
+    """
     if not return_grad:
         return None, _NO_GRAD[x.dtype], None
-    grad = grad_out if grad_out is not None else np.empty(x.shape, x.dtype)
-    view, base = _class_view(grad, class_axis)
-    return grad, view, base
+    if grad_out is None or _overlaps_any(grad_out, inputs):
+        base = np.empty(x.shape, x.dtype)
+        view, _ = _class_view(base, class_axis)
+        return (base if grad_out is None else grad_out), view, base
+    view, base = _class_view(grad_out, class_axis)
+    return grad_out, view, base
+
+
+def _overlaps_any(grad_out, inputs):
+    # _validation.grad_out_needs_buffer lets grad_out be the very same view
+    # as an input, which is safe only for kernels that read each input
+    # element before writing its gradient. These kernels are not: they store
+    # exp(z - max) in a position's gradient slots and then read logits[y],
+    # the class-probability targets and the weights again.
+    for a in inputs:
+        if np.may_share_memory(grad_out, a):
+            return True
+    return False
 
 
 def _finish_grad(grad, base):
@@ -435,7 +462,7 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
         grad = gbase = np.empty(x.shape, dtype)
         gv = grad.reshape(xv.shape)
     else:
-        grad, gv, gbase = _grad_views(True, grad_out, x, class_axis)
+        grad, gv, gbase = _grad_views(True, grad_out, x, class_axis, (x, t, w))
 
     if reduction == "none":
         losses = np.empty(t.shape, dtype)
@@ -461,9 +488,9 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
     if reduction == "none":
         loss = losses
     elif reduction == "sum":
-        loss = dtype.type(loss_sum)
+        loss = to_scalar(loss_sum, dtype)
     else:
-        loss = dtype.type(loss_sum / weight_sum if weight_sum != 0.0 else np.nan)
+        loss = to_scalar(loss_sum / weight_sum if weight_sum != 0.0 else math.nan, dtype)
     return (loss, grad) if return_grad else loss
 
 
@@ -473,7 +500,7 @@ def _run_probs(x, t, class_axis, w, smoothing, reduction, return_grad, grad_out,
     dtype = x.dtype
     xv, _ = _class_view(x, class_axis)
     tv, _ = _class_view(t, class_axis)
-    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis)
+    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis, (x, t, w))
     n_positions = xv.shape[0] * xv.shape[2]
 
     scale = 1.0
@@ -500,9 +527,9 @@ def _run_probs(x, t, class_axis, w, smoothing, reduction, return_grad, grad_out,
     if reduction == "none":
         loss = losses
     elif reduction == "sum":
-        loss = dtype.type(loss_sum)
+        loss = to_scalar(loss_sum, dtype)
     else:
-        loss = dtype.type(loss_sum / n_positions if n_positions else np.nan)
+        loss = to_scalar(loss_sum / n_positions if n_positions else math.nan, dtype)
     return (loss, grad) if return_grad else loss
 
 

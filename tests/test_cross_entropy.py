@@ -286,14 +286,6 @@ def test_grad_out_channels_last(rng):
     np.testing.assert_allclose(out, numeric, rtol=1e-6, atol=1e-8)
 
 
-ALIAS_REASON = (
-    "the kernel stores exp(z - max) in the gradient slots and then reads"
-    " logits[y] (and probability targets) again, so a grad_out that shares"
-    " memory with logits or target, even as the very same array, gives a"
-    " wrong loss and gradient"
-)
-
-
 @pytest.mark.parametrize("reversed_view", [False, True])
 def test_grad_out_aliasing_logits(rng, reversed_view):
     logits, target = rng.standard_normal((6, 4)), np.array([0, 1, 2, 3, 1, 2])
@@ -305,12 +297,23 @@ def test_grad_out_aliasing_logits(rng, reversed_view):
     np.testing.assert_array_equal(grad, expected_grad)
 
 
-@pytest.mark.xfail(strict=True, reason=ALIAS_REASON)
 def test_grad_out_aliasing_probability_target(rng):
     logits, target = make_case(rng, (6, 4), probs=True)
     expected_loss, expected_grad = fl.cross_entropy(logits, target, return_grad=True)
     loss, grad = fl.cross_entropy(logits, target, return_grad=True, grad_out=target)
     assert grad is target
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_grad_out_aliasing_weight(rng):
+    logits, target = make_case(rng, (6, 4))
+    expected_loss, expected_grad = fl.cross_entropy(logits, target, weight=logits[0],
+                                                    return_grad=True)
+    grad_out = logits.copy()
+    loss, grad = fl.cross_entropy(logits, target, weight=grad_out[0],
+                                  return_grad=True, grad_out=grad_out)
+    assert grad is grad_out
     assert loss == expected_loss
     np.testing.assert_array_equal(grad, expected_grad)
 
@@ -362,13 +365,6 @@ def test_zero_weight_class_never_contributes(rng):
     np.testing.assert_array_equal(grad, 0.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gradient coefficient adds label_smoothing / C * sum(weight)"
-    " even when label_smoothing is 0, so a NaN or inf weight of a class that"
-    " no target uses turns 0 * NaN into a NaN gradient everywhere while the"
-    " loss stays finite; PyTorch 2.13 returns a finite gradient",
-)
 @pytest.mark.parametrize("unused_weight", [np.nan, np.inf])
 def test_unused_class_weight_leaves_grad_finite(rng, unused_weight):
     logits = rng.standard_normal((4, 3))
@@ -380,6 +376,24 @@ def test_unused_class_weight_leaves_grad_finite(rng, unused_weight):
     )
     assert loss == expected_loss
     np.testing.assert_array_equal(grad, expected_grad)
+
+
+def test_probs_zero_mass_class_weight_is_unused(rng):
+    logits, target = make_case(rng, (5, 3), probs=True)
+    target[:, 2] = 0.0
+    target /= target.sum(1, keepdims=True)
+    expected_loss, expected_grad = fl.cross_entropy(
+        logits, target, weight=[1.0, 2.0, 5.0], return_grad=True
+    )
+    for unused_weight in (np.nan, np.inf):
+        loss, grad = fl.cross_entropy(logits, target, weight=[1.0, 2.0, unused_weight],
+                                      return_grad=True)
+        assert loss == expected_loss
+        np.testing.assert_array_equal(grad, expected_grad)
+    # Under smoothing every class has mass, so the NaN weight propagates.
+    loss = fl.cross_entropy(logits, target, weight=[1.0, 2.0, np.nan],
+                            label_smoothing=0.1)
+    assert np.isnan(loss)
 
 
 def test_ignore_index_inside_class_range(rng):
@@ -486,12 +500,6 @@ def test_neg_inf_target_logit_costs_inf():
                                rtol=1e-15)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the log-softmax of the target is formed as (z[y] - max) - log1p(rest),"
-    " which is inf - inf = NaN when the target's logit is the one +inf logit,"
-    " where the loss tends to 0 and the gradient to 0",
-)
 @pytest.mark.parametrize("probs", [False, True])
 def test_pos_inf_target_logit_is_free(probs):
     logits = np.array([[np.inf, 0.0, -1.0], [2.0, 0.0, 1.0]])
@@ -540,11 +548,6 @@ def test_float32_probability_cast_overflow_is_inf():
     assert loss == np.inf
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a float32 loss sum beyond float32's range goes through"
-    " dtype.type(loss_sum), which lets NumPy's overflow RuntimeWarning escape",
-)
 def test_float32_loss_sum_overflow_is_inf():
     logits = np.array([[3e38, -3e38]] * 4, np.float32)
     loss = fl.cross_entropy(logits, np.ones(4, np.int64), reduction="sum")
@@ -890,12 +893,46 @@ def test_pos_inf_logits_give_the_limit(order):
     np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0], [0.5, 0.5, -1.0]])
 
 
-def test_pos_inf_target_logit_is_nan():
-    # inf - inf has no limit here, as in PyTorch.
-    losses, grad = fl.cross_entropy(np.array([[np.inf, 0.0]]), np.array([0]),
-                                    reduction="none", return_grad=True)
-    assert np.isnan(losses[0])
-    assert np.isnan(grad[0, 0])
+@pytest.mark.parametrize("probs", [False, True])
+def test_pos_inf_target_logit_shares_probability(probs):
+    # Two +inf logits share the probability, so the target gets 1/2. PyTorch
+    # 2.13 returns NaN (inf - inf) for any +inf target logit.
+    logits = np.array([[np.inf, np.inf, 0.0]])
+    target = np.array([0])
+    if probs:
+        target = np.eye(3)[target]
+    losses, grad = fl.cross_entropy(logits, target, reduction="none",
+                                    return_grad=True)
+    np.testing.assert_allclose(losses, [np.log(2.0)], rtol=1e-15)
+    np.testing.assert_array_equal(grad, [[-0.5, 0.5, 0.0]])
+
+
+@pytest.mark.parametrize("probs", [False, True])
+@pytest.mark.parametrize("layout", ["2-d", "channels-last", "positions-contiguous"])
+def test_pos_inf_max_with_smoothing(probs, layout):
+    # A finite logit costs inf under smoothing; the gradient is the limit.
+    logits = np.array([[np.inf, 0.0, -1.0], [2.0, np.inf, 1.0], [2.0, 0.0, 1.0]])
+    target = np.array([0, 2, 1])
+    if probs:
+        target = np.eye(3)[target]
+    axis = 1
+    if layout == "channels-last":
+        # The tile kernel packs this layout into a class-major buffer.
+        logits, axis = logits[None], -1
+        target = target[None]
+    elif layout == "positions-contiguous":
+        # (1, C, 3): the tile kernel reads the positions in place.
+        logits = np.ascontiguousarray(logits.T)[None]
+        target = np.ascontiguousarray(np.moveaxis(target, -1, 0))[None] if probs \
+            else target[None]
+    kwargs = dict(label_smoothing=0.1, axis=axis, reduction="none", return_grad=True)
+    loss, grad = fl.cross_entropy(logits, target, **kwargs)
+    finite_loss, finite_grad = fl.cross_entropy(
+        np.where(np.isinf(logits), 1e4, logits), target, **kwargs
+    )
+    np.testing.assert_array_equal(loss.ravel()[:2], np.inf)
+    assert loss.ravel()[2] == finite_loss.ravel()[2]
+    np.testing.assert_array_equal(grad, finite_grad)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -191,12 +191,6 @@ def test_nan_and_inf_logits(rng):
     assert np.all(np.isfinite(grad[3]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="log p_t is formed as (z[y] - max) - log1p(rest), which is"
-    " inf - inf = NaN when the target's logit is the one +inf logit, where"
-    " the loss tends to 0 and the gradient to 0",
-)
 @pytest.mark.parametrize("gamma", (0.0, 0.5, 2.0))
 def test_pos_inf_target_logit_is_free(gamma):
     logits = np.array([[np.inf, 0.0, -1.0], [2.0, 0.0, 1.0]])
@@ -212,6 +206,17 @@ def test_pos_inf_target_logit_is_free(gamma):
     np.testing.assert_array_equal(grad, finite_grad)
 
 
+@pytest.mark.parametrize("gamma", (0.0, 0.5, 2.0))
+def test_pos_inf_target_logit_shares_probability(gamma):
+    # Two +inf logits share the probability, so p_t = 1/2.
+    logits = np.array([[np.inf, np.inf, 0.0]])
+    loss, grad = fl.focal_loss(logits, np.array([0]), gamma=gamma, reduction="none",
+                               return_grad=True)
+    np.testing.assert_allclose(loss, [0.5**gamma * np.log(2.0)], rtol=1e-15)
+    factor = 0.5**gamma * (1 + gamma * np.log(2.0))
+    np.testing.assert_allclose(grad, [[-0.5 * factor, 0.5 * factor, 0.0]], rtol=1e-15)
+
+
 def test_ignored_nan_logits_never_contribute(rng):
     logits, target = make_case(rng, (5, 3))
     target[2] = -100
@@ -222,12 +227,6 @@ def test_ignored_nan_logits_never_contribute(rng):
     np.testing.assert_array_equal(grad, expected[1])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernel stores exp(z - max) in the gradient slots and then"
-    " reads logits[y] again, so a grad_out that is the logits array itself"
-    " gives a wrong loss and gradient",
-)
 def test_grad_out_aliasing_logits(rng):
     logits, target = make_case(rng, (6, 4))
     target[:] = np.argmin(logits, axis=1)

@@ -46,7 +46,7 @@
 
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport exp, expm1, log1p, pow
+from libc.math cimport INFINITY, exp, expm1, log1p, pow
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -101,7 +101,9 @@ cdef inline double _shifted_exps(
     Leaving out the argmax, whose term is exactly 1, lets the caller take
     ``log1p`` of the result: ``1 - p_t`` stays accurate as ``p_t`` nears 1.
     NaN logits never win the max but make the sum NaN, so NaN propagates.
-    When ``g`` is not NULL, ``g[c]`` receives ``exp(z[c] - max)``.
+    When ``g`` is not NULL, ``g[c]`` receives ``exp(z[c] - max)``. For a
+    ``+inf`` max that is the limit, as ``_shift_from_max`` gives it: 1 for
+    every ``+inf`` logit, which share the probability, and 0 for the others.
     """
     cdef Py_ssize_t c, top = 0
     cdef double m = z[0]
@@ -112,6 +114,18 @@ cdef inline double _shifted_exps(
         if z[c * zc] > m:
             m = z[c * zc]
             top = c
+    top_out[0] = top
+    max_out[0] = m
+
+    if m == INFINITY:
+        # Rare, so kept out of the loops below: there exp(inf - inf) is NaN.
+        for c in range(n):
+            e = exp(_shift_from_max(z[c * zc], m))
+            if g != NULL:
+                g[c * gc] = <floating>e
+            if c != top:
+                rest += e
+        return rest
 
     if g != NULL:
         for c in range(top):
@@ -128,9 +142,18 @@ cdef inline double _shifted_exps(
             rest += exp(z[c * zc] - m)
         for c in range(top + 1, n):
             rest += exp(z[c * zc] - m)
-    top_out[0] = top
-    max_out[0] = m
     return rest
+
+
+cdef inline double _shift_from_max(double z, double m) noexcept nogil:
+    """Return ``z - m`` for the max ``m`` of a position's logits.
+
+    At a ``+inf`` max that is the limit of finite logits: 0 for a ``+inf``
+    logit instead of ``inf - inf``, and ``-inf`` (or NaN) for the others.
+    """
+    if m == INFINITY and z == m:
+        return 0.0
+    return z - m
 
 
 cdef inline double _ce_probs_one(
@@ -144,7 +167,9 @@ cdef inline double _ce_probs_one(
     ``loss = -sum_c a[c] * lp[c]`` with ``a[c] = w[c] * ((1 - eps) * t[c] +
     eps / C)``, and ``d loss / d z[k] = A * p[k] - a[k]``, ``A = sum a``.
     PyTorch computes ``0 * -inf = nan`` for a ``-inf`` logit whose ``a[c]``
-    is 0; this kernel leaves such a class out and returns the limit.
+    is 0; this kernel leaves such a class out and returns the limit. A class
+    of zero target mass (``t'[c] = 0``) is left out whatever its weight, so
+    a NaN or inf weight there costs nothing, as for class-index targets.
     """
     cdef Py_ssize_t c, top
     cdef double m, rest, log_rest, a, a_total, loss, coef
@@ -157,17 +182,22 @@ cdef inline double _ce_probs_one(
     loss = 0.0
     a_total = 0.0
     for c in range(n):
-        a = w[c] * (keep * t[c * tc] + eps_c)
+        a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
         a_total += a
         if a != 0.0:
-            loss += a * ((m - z[c * zc]) + log_rest)
+            loss += a * (log_rest - _shift_from_max(z[c * zc], m))
 
     if g != NULL:
         coef = scale * a_total / (1.0 + rest)
         for c in range(n):
-            a = w[c] * (keep * t[c * tc] + eps_c)
+            a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
             g[c * gc] = <floating>(coef * g[c * gc] - scale * a)
     return loss
+
+
+cdef inline double _class_coefficient(double w_c, double mass) noexcept nogil:
+    """Return ``w_c * mass``, or 0 for a class of zero mass whatever ``w_c``."""
+    return w_c * mass if mass != 0.0 else 0.0
 
 
 cdef inline double _focal_one(
@@ -194,7 +224,7 @@ cdef inline double _focal_one(
     # Subtract m before adding log1p(rest), which may be far below the
     # rounding step of m.
     log_rest = log1p(rest)
-    lp = (z[y * zc] - m) - log_rest
+    lp = _shift_from_max(z[y * zc], m) - log_rest
     p_t = exp(lp)
     q = -expm1(lp)
     q_gamma = 1.0 if gamma == 0.0 else pow(q, gamma)
@@ -249,17 +279,58 @@ cdef inline void _ce_position(
     cdef double denom = 1.0 + rest
     cdef double a_y = (1.0 - smoothing) * w_y
     cdef double p_y = e_y / denom
-    cdef double p_y_minus_1
+    cdef double p_y_minus_1, coef, grad_y
     cdef double loss = -a_y * lp if a_y != 0.0 else 0.0
 
     loss += eps_c * (smooth + w_total * log_rest) if smoothing > 0.0 else 0.0
     # p_y - 1 without cancellation: at the argmax it is -rest / (1 + rest),
-    # elsewhere p_y <= 1/2. The term 0 * (z_y - m) makes a +inf argmax
-    # (inf - inf) give NaN, as the loss does.
+    # elsewhere p_y <= 1/2. The term 0 * (z_y - m) makes a -inf max, where
+    # every logit is -inf (inf - inf), give NaN, as the loss does. _ce_tile
+    # has already replaced a +inf max by its limit.
     p_y_minus_1 = -rest / denom + 0.0 * (z_y - m) if y_is_top else p_y - 1.0
+    # The smoothing terms are left out, not multiplied by 0, when smoothing
+    # is 0: a NaN or inf weight of a class that no target uses then leaves
+    # the gradient finite, and an inf target weight meets no 0 * inf.
+    if smoothing > 0.0:
+        coef = a_y + eps_c * w_total
+        grad_y = a_y * p_y_minus_1 + eps_c * (w_total * p_y - w_y)
+    else:
+        coef = a_y
+        grad_y = a_y * p_y_minus_1
     loss_out[0] = loss
-    coef_out[0] = scale * (a_y + eps_c * w_total) / denom
-    grad_y_out[0] = scale * (a_y * p_y_minus_1 + eps_c * (w_total * p_y - w_y))
+    coef_out[0] = scale * coef / denom
+    grad_y_out[0] = scale * grad_y
+
+
+cdef void _limit_at_inf_max(
+    const floating* z, Py_ssize_t zc, Py_ssize_t n, Py_ssize_t count,
+    const floating* w, double smoothing, floating* m, floating* z_y,
+    const int* y_is_max, double* smooth,
+) noexcept nogil:
+    """Replace ``inf - inf`` by its limit at the positions of a ``+inf`` max.
+
+    There the exps of the tile are already the limit: 1 for each ``+inf``
+    logit (they share the probability) and 0 for the finite ones. What is
+    left is ``z - m``, which is 0 for a ``+inf`` logit: a ``+inf`` target
+    gets ``z_y = m = 0``, and the smoothing sum ``sum_c w[c] * (m - z[c])``
+    is summed again with that limit. Rare, so it runs outside the
+    vectorized passes of ``_ce_tile``.
+    """
+    cdef Py_ssize_t j, c
+    cdef double acc
+
+    for j in range(count):
+        if m[j] != INFINITY:
+            continue
+        if smoothing > 0.0:
+            acc = 0.0
+            for c in range(n):
+                if w[c] != 0.0:
+                    acc += w[c] * -_shift_from_max(z[c * zc + j], m[j])
+            smooth[j] = acc
+        if y_is_max[j]:
+            z_y[j] = 0
+            m[j] = 0
 
 
 cdef Py_ssize_t _ce_tile(
@@ -287,6 +358,7 @@ cdef Py_ssize_t _ce_tile(
     cdef double eps_c = smoothing / n
     cdef double scale = pb.scale
     cdef Py_ssize_t j, c, o, i, bad = -1
+    cdef int n_inf_max = 0
     cdef int64_t y
     cdef int ci
     cdef floating v, e, wc, mj
@@ -341,6 +413,8 @@ cdef Py_ssize_t _ce_tile(
             v = zrow[j]
             mj = m[j]
             m[j] = v if v > mj else mj
+    for j in range(count):
+        n_inf_max += m[j] == INFINITY
 
     # exp(z - m), stored in the gradient. rest sums it over every class
     # below the max, and n_max counts the classes at the max: each of those
@@ -387,6 +461,8 @@ cdef Py_ssize_t _ce_tile(
         e = fast_exp(z_y[j] - m[j])
         y_is_max[j] = z_y[j] == m[j]
         e_y[j] = 1 if y_is_max[j] else e
+    if n_inf_max > 0:
+        _limit_at_inf_max(z, zc, n, count, w, smoothing, m, z_y, y_is_max, smooth)
 
     for j in range(count):
         _ce_position(
