@@ -152,7 +152,7 @@ def _run_eval(args, extra):
             progress=not args.no_progress,
         )
     except (ValueError, TypeError) as exc:
-        raise CommandError(f"{args.loss}: {exc}") from None
+        raise CommandError(f"{args.loss}: {exc}{_diagnose_hint(args)}") from None
     except OSError as exc:
         raise CommandError(f"cannot write output: {exc}") from None
 
@@ -395,6 +395,18 @@ def _print_array(a):
     """Print ``a`` one value per line in C order, at full precision."""
     digits = 9 if a.dtype == np.float32 else 17
     np.savetxt(sys.stdout, a.reshape(-1), fmt=f"%.{digits}g")
+
+
+def _diagnose_hint(args):
+    """Return a pointer to ``fastloss diagnose`` for the losses it checks."""
+    from .diagnosis import LOSSES
+
+    if args.loss not in LOSSES:
+        return ""
+    return (
+        f" (run 'fastloss diagnose {args.pred} {args.target} --loss {args.loss}'"
+        " to find the cause and the fix)"
+    )
 
 
 # --- fastloss diagnose -------------------------------------------------------

@@ -244,6 +244,10 @@ def _plural(n, word):
 
 
 def _format_stat(value):
+    if value is None:
+        # A statistic that the input does not define, such as the loss of a
+        # batch whose every position is ignored.
+        return "n/a"
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, list):

@@ -1027,3 +1027,31 @@ def test_python_m_fastloss(tmp_path, rng):
     assert failed.stdout == ""
     assert failed.stderr.count("\n") == 1
     assert failed.stderr.startswith("fastloss: error: PRED: file not found")
+
+
+def test_eval_class_error_points_to_diagnose(capsys, tmp_path):
+    logits = np.zeros((2, 3, 4), np.float32)
+    mask = np.zeros((2, 4), np.uint8)
+    mask[0, 1] = 255
+    np.save(tmp_path / "logits.npy", logits)
+    np.save(tmp_path / "mask.npy", mask)
+
+    status, out, err = _eval(
+        capsys, "cross_entropy", tmp_path / "logits.npy", tmp_path / "mask.npy"
+    )
+
+    _assert_usage_error(status, out, err, "got 255 at position")
+    assert "run 'fastloss diagnose " in err
+    assert "--loss cross_entropy" in err
+
+
+def test_eval_regression_error_has_no_diagnose_hint(capsys, tmp_path):
+    np.save(tmp_path / "pred.npy", np.zeros(3))
+    np.save(tmp_path / "target.npy", np.zeros(4))
+
+    status, out, err = _eval(
+        capsys, "mse_loss", tmp_path / "pred.npy", tmp_path / "target.npy"
+    )
+
+    assert status == 2
+    assert "fastloss diagnose" not in err
