@@ -36,6 +36,17 @@ from libc.stdlib cimport calloc, malloc, free
 
 from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
 
+# TODO: use fl_expf and fl_exp of fastmath.h, branch-free versions that
+# vectorize inside the tile loops, once that header is on this branch. The
+# libm calls keep the exp loop of softmax_tile scalar.
+cdef extern from "<math.h>" nogil:
+    float expf(float x)
+
+cdef enum:
+    # Positions per tile of the class-index kernels: a multiple of every
+    # SIMD width, and small enough that a tile of 21 classes stays in L1.
+    TILE = 64
+
 
 cdef inline double sum_strided(const double* x, Py_ssize_t n,
                                Py_ssize_t stride) noexcept nogil:
@@ -105,6 +116,179 @@ cdef inline void softmax_at(const floating[:, :, :] logits, Py_ssize_t o,
         p[c] = p[c] / total
 
 
+cdef inline double exp_of(floating x) noexcept nogil:
+    # exp in the logits' precision: float32 logits get the 4-lane float exp,
+    # which is what bounds the speed of the class-index kernels.
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef void softmax_tile(
+    const floating* x,
+    Py_ssize_t class_stride,
+    Py_ssize_t n_classes,
+    double* prob,
+    floating* zmax,
+    double* recip,
+) noexcept nogil:
+    # Softmax over the classes of TILE positions at once: x[c * class_stride
+    # + j] is the logit of class c at position j, and prob[c * TILE + j] its
+    # probability. Every loop runs over the TILE positions, so it vectorizes.
+    # NaN and -inf logits give NaN probabilities as in softmax_at, and a
+    # position whose maximum is +inf is redone by the scalar rule there.
+    cdef Py_ssize_t c, j, n_top
+    cdef const floating* xc
+    cdef double* pc
+    cdef floating z
+    cdef double e, total
+
+    for j in range(TILE):
+        zmax[j] = x[j]
+    for c in range(1, n_classes):
+        xc = x + c * class_stride
+        for j in range(TILE):
+            z = xc[j]
+            zmax[j] = z if z > zmax[j] else zmax[j]
+    for j in range(TILE):
+        recip[j] = 0.0
+    for c in range(n_classes):
+        xc = x + c * class_stride
+        pc = prob + c * TILE
+        for j in range(TILE):
+            e = exp_of(<floating>(xc[j] - zmax[j]))
+            pc[j] = e
+            recip[j] = recip[j] + e
+    for j in range(TILE):
+        recip[j] = 1.0 / recip[j]
+    for c in range(n_classes):
+        pc = prob + c * TILE
+        for j in range(TILE):
+            pc[j] = pc[j] * recip[j]
+
+    # A +inf maximum: probability 1 for a single +inf logit, 0 for the rest
+    # (NaN for a NaN logit), and NaN for all when several logits are +inf.
+    for j in range(TILE):
+        if zmax[j] != INFINITY:
+            continue
+        n_top = 0
+        total = 0.0
+        for c in range(n_classes):
+            z = x[c * class_stride + j]
+            if z == INFINITY:
+                e = 1.0
+                n_top += 1
+            else:
+                e = 0.0 if z == z else NAN
+            prob[c * TILE + j] = e
+            total += e
+        if n_top > 1:
+            total = NAN
+        for c in range(n_classes):
+            prob[c * TILE + j] = prob[c * TILE + j] / total
+
+
+cdef const floating* load_tile(
+    const floating[:, :, :] logits,
+    Py_ssize_t o,
+    Py_ssize_t i,
+    Py_ssize_t n,
+    floating* packed,
+    Py_ssize_t* class_stride,
+) noexcept nogil:
+    # Returns a pointer to the logits of positions (o, i .. i + n) with unit
+    # stride along the positions. A full tile whose positions are contiguous
+    # is read in place. Any other tile is copied into packed (class stride
+    # TILE) and padded with zeros, so every layout runs the same arithmetic
+    # on the same values and gives the same bits.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t c, j
+    cdef floating* dst
+
+    if (n == TILE and logits.strides[2] == sizeof(floating)
+            and logits.strides[1] % sizeof(floating) == 0):
+        class_stride[0] = logits.strides[1] // <Py_ssize_t>sizeof(floating)
+        return &logits[o, 0, i]
+    for c in range(n_classes):
+        dst = packed + c * TILE
+        for j in range(n):
+            dst[j] = logits[o, c, i + j]
+        for j in range(n, TILE):
+            dst[j] = 0.0
+    class_stride[0] = TILE
+    return packed
+
+
+cdef Py_ssize_t load_targets(
+    const int64_t[:, :] target,
+    Py_ssize_t n_classes,
+    bint has_ignore,
+    int64_t ignore_index,
+    Py_ssize_t o,
+    Py_ssize_t i,
+    Py_ssize_t n,
+    int64_t* classes,
+    double* keep,
+) noexcept nogil:
+    # Fills the class and the keep flag (1 kept, 0 ignored or padding) of
+    # each tile position, with class 0 where the flag is 0 so that gathers
+    # stay in range. Returns the offset of the first out-of-range class in
+    # the tile, or -1.
+    cdef Py_ssize_t j
+    cdef int64_t t
+
+    for j in range(n):
+        t = target[o, i + j]
+        if has_ignore and t == ignore_index:
+            classes[j] = 0
+            keep[j] = 0.0
+        elif t < 0 or t >= n_classes:
+            return j
+        else:
+            classes[j] = t
+            keep[j] = 1.0
+    for j in range(n, TILE):
+        classes[j] = 0
+        keep[j] = 0.0
+    return -1
+
+
+cdef struct IndexWork:
+    # Per-thread buffers of the class-index kernels, all carved from one
+    # allocation: TILE positions by n_classes classes each.
+    double* prob
+    double* p_lanes
+    double* recip
+    double* keep
+    double* dot
+    int64_t* classes
+    void* packed
+    void* zmax
+    void* grad_tile
+
+
+cdef inline Py_ssize_t index_work_size(Py_ssize_t n_classes) noexcept nogil:
+    # Doubles per thread: prob, p_lanes, packed and grad_tile (n_classes *
+    # TILE each), then recip, keep, dot, classes and zmax (TILE each).
+    return 4 * n_classes * TILE + 5 * TILE
+
+
+cdef inline IndexWork index_work(double* base, Py_ssize_t n_classes) noexcept nogil:
+    cdef IndexWork w
+    cdef Py_ssize_t m = n_classes * TILE
+    w.prob = base
+    w.p_lanes = base + m
+    w.packed = <void*>(base + 2 * m)
+    w.grad_tile = <void*>(base + 3 * m)
+    w.recip = base + 4 * m
+    w.keep = base + 4 * m + TILE
+    w.dot = base + 4 * m + 2 * TILE
+    w.classes = <int64_t*>(base + 4 * m + 3 * TILE)
+    w.zmax = <void*>(base + 4 * m + 4 * TILE)
+    return w
+
+
 cdef Py_ssize_t index_sums_block(
     const floating[:, :, :] logits,
     const int64_t[:, :] target,
@@ -112,32 +296,57 @@ cdef Py_ssize_t index_sums_block(
     int64_t ignore_index,
     Py_ssize_t start,
     Py_ssize_t stop,
-    double* p,
+    double* work,
     double* acc,
 ) noexcept nogil:
     # acc holds I, P and Y of the C classes, in that order. Returns the first
     # position whose class index is out of range, or -1.
+    #
+    # The block is walked in tiles of at most TILE positions that never cross
+    # a row of ``inner`` positions. P of class c is summed into TILE lanes,
+    # position j of every tile into lane j, and the lanes are combined in a
+    # fixed pairwise order, so the result depends only on the shape.
     cdef Py_ssize_t n_classes = logits.shape[1]
     cdef Py_ssize_t inner = logits.shape[2]
     cdef Py_ssize_t o = start // inner
     cdef Py_ssize_t i = start - o * inner
-    cdef Py_ssize_t q, c
+    cdef Py_ssize_t q = start
+    cdef Py_ssize_t n, c, j, bad, class_stride
+    cdef IndexWork w = index_work(work, n_classes)
+    cdef const floating* x
+    cdef double* pc
+    cdef double* lanes
     cdef int64_t t
 
-    for q in range(start, stop):
-        t = target[o, i]
-        if not (has_ignore and t == ignore_index):
-            if t < 0 or t >= n_classes:
-                return q
-            softmax_at(logits, o, i, p)
+    for j in range(n_classes * TILE):
+        w.p_lanes[j] = 0.0
+    while q < stop:
+        n = min(TILE, min(inner - i, stop - q))
+        bad = load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
+                           w.classes, w.keep)
+        if bad >= 0:
+            return q + bad
+        if n_classes > 0:
+            x = load_tile(logits, o, i, n, <floating*>w.packed, &class_stride)
+            softmax_tile(x, class_stride, n_classes, w.prob, <floating*>w.zmax,
+                         w.recip)
             for c in range(n_classes):
-                acc[n_classes + c] += p[c]
-            acc[t] += p[t]
-            acc[2 * n_classes + t] += 1.0
-        i += 1
+                pc = w.prob + c * TILE
+                lanes = w.p_lanes + c * TILE
+                for j in range(TILE):
+                    lanes[j] = lanes[j] + (pc[j] if w.keep[j] != 0.0 else 0.0)
+            for j in range(n):
+                if w.keep[j] != 0.0:
+                    t = w.classes[j]
+                    acc[t] += w.prob[t * TILE + j]
+                    acc[2 * n_classes + t] += 1.0
+        q += n
+        i += n
         if i == inner:
             i = 0
             o += 1
+    for c in range(n_classes):
+        acc[n_classes + c] = sum_partials(w.p_lanes + c * TILE, TILE)
     return -1
 
 
@@ -151,32 +360,74 @@ cdef void index_grad_block(
     floating[:, :, :] grad,
     Py_ssize_t start,
     Py_ssize_t stop,
-    double* p,
+    double* work,
 ) noexcept nogil:
     # coef_i and coef_p are this sample's rows. With g_c = gI_c * y_c + gP_c,
-    # the softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c).
+    # the softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c),
+    # here for a tile of positions at once, with the target's term of the
+    # sum first and then the classes in order.
     cdef Py_ssize_t n_classes = logits.shape[1]
     cdef Py_ssize_t inner = logits.shape[2]
     cdef Py_ssize_t o = start // inner
     cdef Py_ssize_t i = start - o * inner
-    cdef Py_ssize_t q, c
+    cdef Py_ssize_t q = start
+    cdef Py_ssize_t n, c, j, class_stride
+    cdef IndexWork w = index_work(work, n_classes)
+    cdef floating* tile = <floating*>w.grad_tile
+    cdef const floating* x
+    cdef floating* out
+    cdef floating* gc
+    cdef double* pc
+    cdef double cp
     cdef int64_t t
-    cdef double dot, g
+    cdef bint in_place = (grad.strides[2] == sizeof(floating)
+                          and grad.strides[1] % sizeof(floating) == 0)
+    cdef Py_ssize_t out_stride = grad.strides[1] // <Py_ssize_t>sizeof(floating)
 
-    for q in range(start, stop):
-        t = target[o, i]
-        if has_ignore and t == ignore_index:
+    if n_classes == 0:
+        return
+    while q < stop:
+        n = min(TILE, min(inner - i, stop - q))
+        # Pass 1 checked every class index of the call.
+        load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
+                     w.classes, w.keep)
+        x = load_tile(logits, o, i, n, <floating*>w.packed, &class_stride)
+        softmax_tile(x, class_stride, n_classes, w.prob, <floating*>w.zmax, w.recip)
+
+        for j in range(TILE):
+            t = w.classes[j]
+            w.dot[j] = w.prob[t * TILE + j] * coef_i[t]
+        for c in range(n_classes):
+            pc = w.prob + c * TILE
+            cp = coef_p[c]
+            for j in range(TILE):
+                w.dot[j] = w.dot[j] + pc[j] * cp
+        for c in range(n_classes):
+            pc = w.prob + c * TILE
+            gc = tile + c * TILE
+            cp = coef_p[c]
+            for j in range(TILE):
+                gc[j] = <floating>(pc[j] * (cp - w.dot[j])) if w.keep[j] != 0.0 else 0.0
+        for j in range(n):
+            if w.keep[j] != 0.0:
+                t = w.classes[j]
+                tile[t * TILE + j] = <floating>(
+                    w.prob[t * TILE + j] * ((coef_p[t] + coef_i[t]) - w.dot[j])
+                )
+
+        # Store the tile.
+        if in_place and n == TILE:
             for c in range(n_classes):
-                grad[o, c, i] = 0.0
+                out = &grad[o, 0, i] + c * out_stride
+                gc = tile + c * TILE
+                for j in range(TILE):
+                    out[j] = gc[j]
         else:
-            softmax_at(logits, o, i, p)
-            dot = p[t] * coef_i[t]
             for c in range(n_classes):
-                dot = dot + p[c] * coef_p[c]
-            for c in range(n_classes):
-                g = coef_p[c] + coef_i[c] if c == t else coef_p[c]
-                grad[o, c, i] = <floating>(p[c] * (g - dot))
-        i += 1
+                for j in range(n):
+                    grad[o, c, i + j] = tile[c * TILE + j]
+        q += n
+        i += n
         if i == inner:
             i = 0
             o += 1
@@ -389,7 +640,8 @@ def overlap_index(
     cdef Py_ssize_t total_blocks = n_samples * blocks_per_sample
     cdef Py_ssize_t stride = 3 * n_classes
     cdef int nt = threads_for(n_positions * n_classes, n_threads)
-    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * n_classes,
+    cdef Py_ssize_t work_size = index_work_size(n_classes)
+    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * work_size,
                                      n_samples * n_classes)
     cdef Py_ssize_t* bad = <Py_ssize_t*>malloc(max(total_blocks, 1) * sizeof(Py_ssize_t))
     cdef Py_ssize_t b, s, start, stop, first_bad
@@ -406,7 +658,7 @@ def overlap_index(
                 stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
                 bad[b] = index_sums_block(
                     logits, target, has_ignore, ignore_index, start, stop,
-                    scratch.probs + threadid() * n_classes,
+                    scratch.probs + threadid() * work_size,
                     scratch.acc + b * stride,
                 )
             first_bad = -1
@@ -435,7 +687,7 @@ def overlap_index(
                     index_grad_block(
                         logits, target, has_ignore, ignore_index,
                         scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
-                        grad, start, stop, scratch.probs + threadid() * n_classes,
+                        grad, start, stop, scratch.probs + threadid() * work_size,
                     )
     finally:
         free(bad)
