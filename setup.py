@@ -117,10 +117,15 @@ class BuildExt(build_ext):
         else:
             # -O3 for the vectorizer; no -march, so wheels run on any CPU of
             # their architecture. -fno-math-errno lets exp and log inline.
-            # -fno-trapping-math lets GCC turn a select on a floating-point
-            # comparison into a SIMD blend: no kernel unmasks floating-point
-            # exceptions, and rounding stays IEEE (no reassociation).
-            opt_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+            # -fno-trapping-math lets gcc if-convert floating-point selects
+            # (x > c ? c : x), so that loops containing them vectorize. It
+            # changes no result, because no kernel reads or traps on
+            # floating-point exception flags (clang assumes this by default).
+            # -ffp-contract=off keeps a*b+c from fusing into an FMA in some
+            # loops and not others, which on FMA targets (aarch64) would make
+            # the kernels' layouts differ in the last bit.
+            opt_args = ["-O3", "-fno-math-errno", "-fno-trapping-math",
+                        "-ffp-contract=off"]
 
         omp = None if NO_OPENMP else openmp_flags(compiler)
         if omp is None and not NO_OPENMP:

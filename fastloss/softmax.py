@@ -7,7 +7,6 @@ where the strides allow it. One kernel of ``fastloss._kernels._softmax`` then
 computes the loss and the gradient in one pass.
 """
 
-import functools
 import math
 import operator
 
@@ -31,8 +30,8 @@ __all__ = ["cross_entropy", "focal_loss"]
 
 
 
-# Placeholder outputs for the kernels' grad and losses arguments when they
-# are not requested, so that the fused kernels still see one dtype.
+# Placeholder outputs for the probability kernel's grad and losses arguments
+# when they are not requested, so that the fused kernel still gets one dtype.
 _NO_GRAD = {
     np.dtype(np.float32): np.empty((0, 0, 0), np.float32),
     np.dtype(np.float64): np.empty((0, 0, 0), np.float64),
@@ -41,6 +40,21 @@ _NO_LOSSES = {
     np.dtype(np.float32): np.empty((0, 0), np.float32),
     np.dtype(np.float64): np.empty((0, 0), np.float64),
 }
+
+# The class-index kernels' specializations by compute dtype: calling one
+# directly skips the fused function's signature matching, and lets None
+# stand for an output that is not requested.
+_CE_LABELS = {
+    np.dtype(np.float32): _softmax.cross_entropy_labels["float"],
+    np.dtype(np.float64): _softmax.cross_entropy_labels["double"],
+}
+_FOCAL_LABELS = {
+    np.dtype(np.float32): _softmax.focal_labels["float"],
+    np.dtype(np.float64): _softmax.focal_labels["double"],
+}
+_FLOAT_DTYPES = frozenset(_CE_LABELS)
+_is_c_contiguous = _softmax.is_c_contiguous
+_INT64 = np.dtype(np.int64)
 
 
 def cross_entropy(
@@ -125,6 +139,10 @@ def cross_entropy(
     term, as in PyTorch). Where PyTorch computes ``0 * -inf = nan`` for a
     ``-inf`` logit whose target mass or class weight is 0, this function
     leaves the class out and returns the limit: no cost and zero gradient.
+    A ``+inf`` logit likewise takes its position's whole probability, shared
+    equally among several, so that a finite target logit there costs
+    ``inf`` with a finite gradient, while a ``+inf`` target logit gives NaN
+    (``inf - inf``).
 
     Examples
     --------
@@ -136,7 +154,10 @@ def cross_entropy(
     """
     x, t, class_axis, probs, dtype = _prepare(logits, target, axis, probabilities=True)
     reduction = check_reduction(reduction)
-    smoothing = check_scalar(label_smoothing, "label_smoothing", 0.0, 1.0)
+    if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
+        smoothing = label_smoothing
+    else:
+        smoothing = check_scalar(label_smoothing, "label_smoothing", 0.0, 1.0)
     ignore = _check_ignore_index(ignore_index)
     n_threads = resolve_n_threads(n_threads)
     n_classes = x.shape[class_axis]
@@ -150,8 +171,8 @@ def cross_entropy(
         )
     else:
         result = _run_labels(
-            _softmax.cross_entropy_labels, x, t, class_axis, w, ignore, smoothing,
-            reduction, want_grad, grad_out, n_threads,
+            _CE_LABELS[dtype], x, t, class_axis, w, ignore, smoothing, reduction,
+            want_grad, grad_out, n_threads,
         )
     return result if want_grad == return_grad else result[0]
 
@@ -228,7 +249,7 @@ def focal_loss(
     grad_out, want_grad = _check_grad_request(return_grad, grad_out, x.shape, dtype)
 
     result = _run_labels(
-        _softmax.focal_labels, x, t, class_axis, w, ignore, gamma, reduction,
+        _FOCAL_LABELS[dtype], x, t, class_axis, w, ignore, gamma, reduction,
         want_grad, grad_out, n_threads,
     )
     return result if want_grad == return_grad else result[0]
@@ -242,7 +263,12 @@ def _prepare(logits, target, axis, probabilities):
     ``t`` is an int64 index array, or with ``probs`` a float array of the
     logits' shape in the compute dtype.
     """
-    x = as_float_array(logits, "logits")
+    # Plain arrays of a compute dtype and int64 targets, the common case,
+    # skip the general conversions.
+    if type(logits) is np.ndarray and logits.dtype in _FLOAT_DTYPES:
+        x = logits
+    else:
+        x = as_float_array(logits, "logits")
     if x.ndim == 0:
         raise ValueError(
             "logits must have a class axis, of shape (C,), (N, C) or"
@@ -265,6 +291,14 @@ def _prepare(logits, target, axis, probabilities):
         )
 
     index_shape = x.shape[:class_axis] + x.shape[class_axis + 1 :]
+    if type(target) is np.ndarray and target.dtype == _INT64:
+        if target.shape != index_shape:
+            raise ValueError(
+                f"target of class indices must have shape {index_shape} (the"
+                f" shape of logits {x.shape} without axis {class_axis}), got"
+                f" {target.shape}"
+            )
+        return x, target, class_axis, False, x.dtype
     t = as_array(target, "target")
     if t.dtype.kind == "f":
         if t.shape == x.shape and probabilities:
@@ -295,6 +329,8 @@ def _prepare(logits, target, axis, probabilities):
 
 
 def _check_ignore_index(ignore_index):
+    if type(ignore_index) is int and -(2**63) <= ignore_index < 2**63:
+        return ignore_index
     if isinstance(ignore_index, (bool, np.bool_)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     try:
@@ -311,7 +347,8 @@ def _check_ignore_index(ignore_index):
 def _check_weight(weight, n_classes, dtype):
     """Return the class weights as a contiguous array, all ones when None."""
     if weight is None:
-        return _unit_weight(n_classes, dtype)
+        w = _UNIT_WEIGHTS.get((n_classes, dtype))
+        return w if w is not None else _unit_weight(n_classes, dtype)
     w = as_float_array(weight, "weight", dtype)
     if w.shape != (n_classes,):
         raise ValueError(
@@ -321,11 +358,17 @@ def _check_weight(weight, n_classes, dtype):
     return np.ascontiguousarray(w)
 
 
-@functools.lru_cache(maxsize=64)
+# Read-only all-ones weights by (n_classes, dtype), so that a call without
+# weight allocates nothing; a plain dict lookup costs less than lru_cache.
+_UNIT_WEIGHTS = {}
+
+
 def _unit_weight(n_classes, dtype):
-    # Cached and read-only, so that a call without weight allocates nothing.
     w = np.ones(n_classes, dtype)
     w.flags.writeable = False
+    if len(_UNIT_WEIGHTS) >= 64:
+        _UNIT_WEIGHTS.clear()
+    _UNIT_WEIGHTS[n_classes, dtype] = w
     return w
 
 
@@ -343,7 +386,7 @@ def _class_view(a, class_axis):
     ``base`` is ``a`` itself, or the copy that the view reads when the
     strides of ``a`` could not be walked in place.
     """
-    if a.flags.c_contiguous:
+    if _is_c_contiguous(a):
         shape = a.shape
         outer = math.prod(shape[:class_axis])
         inner = math.prod(shape[class_axis + 1 :])
@@ -356,7 +399,7 @@ def _class_view(a, class_axis):
 
 
 def _label_view(t, class_axis):
-    if t.flags.c_contiguous:
+    if _is_c_contiguous(t):
         outer = math.prod(t.shape[:class_axis])
         return t.reshape(outer, -1) if outer else t.reshape(0, 0)
     return index_view(t, class_axis)
@@ -383,35 +426,37 @@ def _run_labels(kernel, x, t, class_axis, w, ignore, param, reduction,
     dtype = x.dtype
     xv, _ = _class_view(x, class_axis)
     tv = _label_view(t, class_axis)
-    grad, gv, gbase = _grad_views(return_grad, grad_out, x, class_axis)
-
-    scale = 1.0
-    if return_grad:
-        # Validate the targets and find the mean's divisor before any write.
-        weight_sum, bad = _softmax.scan_labels(tv, w, ignore, n_threads)
-        if bad >= 0:
-            _raise_bad_label(t, bad, x.shape[class_axis], ignore)
-        if reduction == "mean":
-            if weight_sum == 0.0:
-                grad[...] = 0
-                return dtype.type(np.nan), grad
-            scale = 1.0 / weight_sum
+    mean = reduction == "mean"
+    if not return_grad:
+        grad = gv = gbase = None
+    elif grad_out is None:
+        # xv always has the shape (outer, C, inner), which a fresh C-order
+        # gradient takes by a plain reshape.
+        grad = gbase = np.empty(x.shape, dtype)
+        gv = grad.reshape(xv.shape)
+    else:
+        grad, gv, gbase = _grad_views(True, grad_out, x, class_axis)
 
     if reduction == "none":
         losses = np.empty(t.shape, dtype)
         lv = _label_view(losses, class_axis)
     else:
-        losses = None
-        lv = _NO_LOSSES[dtype]
+        losses = lv = None
 
+    # A grad_out of the caller's must stay untouched when a target is bad,
+    # so the kernel checks the targets before it writes there. A gradient
+    # allocated here is simply dropped on error.
     loss_sum, weight_sum, bad = kernel(
-        xv, tv, w, ignore, param, scale, gv, lv, return_grad, losses is not None,
-        n_threads,
+        xv, tv, w, ignore, param, gv, lv, return_grad, losses is not None, mean,
+        grad_out is not None, n_threads,
     )
     if bad >= 0:
         _raise_bad_label(t, bad, x.shape[class_axis], ignore)
     if return_grad:
-        _finish_grad(grad, gbase)
+        if mean and weight_sum == 0.0:
+            grad[...] = 0
+        else:
+            _finish_grad(grad, gbase)
 
     if reduction == "none":
         loss = losses

@@ -294,7 +294,6 @@ ALIAS_REASON = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=ALIAS_REASON)
 @pytest.mark.parametrize("reversed_view", [False, True])
 def test_grad_out_aliasing_logits(rng, reversed_view):
     logits, target = rng.standard_normal((6, 4)), np.array([0, 1, 2, 3, 1, 2])
@@ -792,3 +791,135 @@ def test_read_only_grad_out_rejected(rng):
 def test_one_dim_logits_bad_axis():
     with pytest.raises(ValueError, match="axis must be 0, 1 or -1 for 1-d logits"):
         fl.cross_entropy(np.zeros(3), 0, axis=2)
+
+
+# The tile kernel: axis-1 logits are read in place, every other layout is
+# packed tile by tile, and both must run the same arithmetic.
+
+
+def reference_ce_grad(logits, target, weight=None, axis=1):
+    """Float64 gradient of the mean class-index cross-entropy (no smoothing)."""
+    x = np.moveaxis(np.asarray(logits, np.float64), axis, -1)
+    w = np.ones(x.shape[-1]) if weight is None else np.asarray(weight, np.float64)
+    p = np.exp(log_softmax(x))
+    onehot = np.eye(x.shape[-1])[target]
+    w_y = w[target]
+    grad = w_y[..., None] * (p - onehot) / w_y.sum()
+    return np.moveaxis(grad, -1, axis)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tile_layouts_bit_identical(rng, dtype):
+    # 2 * 40 * 75 = 6000 positions: two reduction blocks, tiles that end at
+    # the row ends in place and cross them when packed.
+    logits = (3 * rng.standard_normal((2, 7, 40, 75))).astype(dtype)
+    target = rng.integers(0, 7, (2, 40, 75))
+    target[0, 3, :10] = -100
+    weight = rng.random(7)
+    for kwargs in (dict(), dict(weight=weight, label_smoothing=0.2)):
+        expected = fl.cross_entropy(logits, target, return_grad=True, **kwargs)
+        expected_none = fl.cross_entropy(logits, target, reduction="none", **kwargs)
+        last = np.ascontiguousarray(np.moveaxis(logits, 1, -1))
+        loss, grad = fl.cross_entropy(last, target, axis=-1, return_grad=True, **kwargs)
+        assert loss == expected[0]
+        np.testing.assert_array_equal(np.moveaxis(grad, -1, 1), expected[1])
+        losses = fl.cross_entropy(last, target, axis=-1, reduction="none", **kwargs)
+        np.testing.assert_array_equal(losses, expected_none)
+        strided = np.repeat(logits, 2, axis=3)[..., ::2]
+        loss, grad = fl.cross_entropy(strided, target, return_grad=True, **kwargs)
+        assert loss == expected[0]
+        np.testing.assert_array_equal(grad, expected[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tile_matches_reference(rng, dtype):
+    logits = (4 * rng.standard_normal((3, 11, 17, 19))).astype(dtype)
+    target = rng.integers(0, 11, (3, 17, 19))
+    weight = rng.random(11) + 0.1
+    loss, grad = fl.cross_entropy(logits, target, weight=weight, return_grad=True)
+    np.testing.assert_allclose(loss, reference_ce(logits, target, weight), **TOL[dtype])
+    np.testing.assert_allclose(grad, reference_ce_grad(logits, target, weight),
+                               **TOL[dtype])
+
+
+def test_f_order_rows_match_c_order(rng):
+    # F-order (N, C) logits have contiguous positions and run in place.
+    logits = rng.standard_normal((300, 9))
+    target = rng.integers(0, 9, 300)
+    expected = fl.cross_entropy(logits, target, return_grad=True)
+    loss, grad = fl.cross_entropy(np.asfortranarray(logits), target, return_grad=True)
+    assert loss == expected[0]
+    np.testing.assert_array_equal(grad, expected[1])
+    np.testing.assert_allclose(loss, reference_ce(logits, target), rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_many_classes_use_smallest_tile(rng, dtype):
+    # Past 1024 classes a tile holds its minimum of 16 positions.
+    logits = (2 * rng.standard_normal((37, 1500))).astype(dtype)
+    target = rng.integers(0, 1500, 37)
+    loss, grad = fl.cross_entropy(logits, target, return_grad=True)
+    np.testing.assert_allclose(loss, reference_ce(logits, target), **TOL[dtype])
+    np.testing.assert_allclose(grad, reference_ce_grad(logits, target), **TOL[dtype])
+    loss_t, grad_t = fl.cross_entropy(np.ascontiguousarray(logits.T), target, axis=0,
+                                      return_grad=True)
+    assert loss_t == loss
+    np.testing.assert_array_equal(grad_t.T, grad)
+
+
+def test_tile_threads_bit_identical(rng):
+    # Enough work for several threads; every count gives the same bits.
+    logits = rng.standard_normal((4, 5, 90, 100)).astype(np.float32)
+    target = rng.integers(0, 5, (4, 90, 100))
+    results = [fl.cross_entropy(logits, target, return_grad=True, n_threads=n)
+               for n in THREAD_COUNTS]
+    for loss, grad in results[1:]:
+        assert loss == results[0][0]
+        np.testing.assert_array_equal(grad, results[0][1])
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_pos_inf_logits_give_the_limit(order):
+    # One +inf logit takes all the probability; two share it equally.
+    logits = np.array([[np.inf, 0.0, 0.0], [np.inf, np.inf, 0.0]])
+    target = np.array([1, 2])
+    x = np.asarray(logits, order=order)
+    losses, grad = fl.cross_entropy(x, target, reduction="none",
+                                    return_grad=True)
+    np.testing.assert_array_equal(losses, [np.inf, np.inf])
+    np.testing.assert_array_equal(grad, [[1.0, -1.0, 0.0], [0.5, 0.5, -1.0]])
+
+
+def test_pos_inf_target_logit_is_nan():
+    # inf - inf has no limit here, as in PyTorch.
+    losses, grad = fl.cross_entropy(np.array([[np.inf, 0.0]]), np.array([0]),
+                                    reduction="none", return_grad=True)
+    assert np.isnan(losses[0])
+    assert np.isnan(grad[0, 0])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_nan_logit_poisons_only_its_position(rng, channels_last):
+    logits = rng.standard_normal((3, 4, 50))
+    target = rng.integers(0, 4, (3, 50))
+    logits[1, 2, 7] = np.nan
+    x, axis = (np.ascontiguousarray(np.moveaxis(logits, 1, -1)), -1) if channels_last \
+        else (logits, 1)
+    losses, grad = fl.cross_entropy(x, target, axis=axis, reduction="none",
+                                    return_grad=True)
+    grad = np.moveaxis(grad, -1, 1) if channels_last else grad
+    assert np.isnan(losses[1, 7])
+    assert np.all(np.isnan(grad[1, :, 7]))
+    finite = np.ones(losses.shape, bool)
+    finite[1, 7] = False
+    assert np.all(np.isfinite(losses[finite]))
+    assert np.all(np.isfinite(np.moveaxis(grad, 1, -1)[finite]))
+
+
+def test_mean_scan_skipped_for_sum_still_raises(rng):
+    # Without grad_out and without the mean, a bad target is found in the
+    # main pass; the error is the same.
+    logits = rng.standard_normal((5, 3))
+    with pytest.raises(ValueError, match=r"got 7 at position \(2,\)"):
+        fl.cross_entropy(logits, np.array([0, 1, 7, 2, 1]), reduction="sum",
+                         return_grad=True)

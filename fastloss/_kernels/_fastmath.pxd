@@ -1,0 +1,16 @@
+# Vectorizable exp and log1p of fastmath.h, and a fused-type exp for kernels.
+
+cdef extern from "fastmath.h" nogil:
+    float fl_expf(float x)
+    double fl_exp(double x)
+    double fl_log1p(double x)
+
+from ._common cimport floating
+
+
+cdef inline floating fast_exp(floating x) noexcept nogil:
+    """Return ``e**x`` in the precision of ``x`` (within 2 ulp of libm)."""
+    if floating is float:
+        return fl_expf(x)
+    else:
+        return fl_exp(x)
