@@ -35,12 +35,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, malloc, free
 
 from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
-
-# TODO: use fl_expf and fl_exp of fastmath.h, branch-free versions that
-# vectorize inside the tile loops, once that header is on this branch. The
-# libm calls keep the exp loop of softmax_tile scalar.
-cdef extern from "<math.h>" nogil:
-    float expf(float x)
+from ._fastmath cimport fast_exp
 
 cdef enum:
     # Positions per tile of the class-index kernels: a multiple of every
@@ -116,15 +111,6 @@ cdef inline void softmax_at(const floating[:, :, :] logits, Py_ssize_t o,
         p[c] = p[c] / total
 
 
-cdef inline double exp_of(floating x) noexcept nogil:
-    # exp in the logits' precision: float32 logits get the 4-lane float exp,
-    # which is what bounds the speed of the class-index kernels.
-    if floating is float:
-        return expf(x)
-    else:
-        return exp(x)
-
-
 cdef void softmax_tile(
     const floating* x,
     Py_ssize_t class_stride,
@@ -157,7 +143,9 @@ cdef void softmax_tile(
         xc = x + c * class_stride
         pc = prob + c * TILE
         for j in range(TILE):
-            e = exp_of(<floating>(xc[j] - zmax[j]))
+            # exp in the logits' precision: float32 logits get the 4-lane
+            # float exp of fastmath.h.
+            e = fast_exp(<floating>(xc[j] - zmax[j]))
             pc[j] = e
             recip[j] = recip[j] + e
     for j in range(TILE):
