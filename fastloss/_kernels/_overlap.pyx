@@ -115,20 +115,21 @@ cdef void softmax_tile(
     const floating* x,
     Py_ssize_t class_stride,
     Py_ssize_t n_classes,
-    double* prob,
+    floating* prob,
     floating* zmax,
-    double* recip,
+    floating* recip,
 ) noexcept nogil:
     # Softmax over the classes of TILE positions at once: x[c * class_stride
     # + j] is the logit of class c at position j, and prob[c * TILE + j] its
     # probability. Every loop runs over the TILE positions, so it vectorizes.
     # NaN and -inf logits give NaN probabilities as in softmax_at, and a
     # position whose maximum is +inf is redone by the scalar rule there.
+    # The arithmetic is in the logits' precision, so float32 logits fill 4
+    # SIMD lanes, as torch.softmax computes float32 in float32.
     cdef Py_ssize_t c, j, n_top
     cdef const floating* xc
-    cdef double* pc
-    cdef floating z
-    cdef double e, total
+    cdef floating* pc
+    cdef floating z, e, total
 
     for j in range(TILE):
         zmax[j] = x[j]
@@ -143,13 +144,11 @@ cdef void softmax_tile(
         xc = x + c * class_stride
         pc = prob + c * TILE
         for j in range(TILE):
-            # exp in the logits' precision: float32 logits get the 4-lane
-            # float exp of fastmath.h.
             e = fast_exp(<floating>(xc[j] - zmax[j]))
             pc[j] = e
             recip[j] = recip[j] + e
     for j in range(TILE):
-        recip[j] = 1.0 / recip[j]
+        recip[j] = 1 / recip[j]
     for c in range(n_classes):
         pc = prob + c * TILE
         for j in range(TILE):
@@ -277,7 +276,62 @@ cdef inline IndexWork index_work(double* base, Py_ssize_t n_classes) noexcept no
     return w
 
 
-cdef Py_ssize_t index_sums_block(
+cdef Py_ssize_t scan_targets_block(
+    const int64_t[:, :] target,
+    Py_ssize_t n_classes,
+    bint has_ignore,
+    int64_t ignore_index,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+) noexcept nogil:
+    # Returns the first flat position in [start, stop) whose class index is
+    # out of range and not ignore_index, or -1.
+    cdef Py_ssize_t inner = target.shape[1]
+    cdef Py_ssize_t o = start // inner
+    cdef Py_ssize_t i = start - o * inner
+    cdef Py_ssize_t q
+    cdef int64_t t
+
+    for q in range(start, stop):
+        t = target[o, i]
+        if not (has_ignore and t == ignore_index) and (t < 0 or t >= n_classes):
+            return q
+        i += 1
+        if i == inner:
+            i = 0
+            o += 1
+    return -1
+
+
+cdef void store_tile(
+    floating[:, :, :] out,
+    Py_ssize_t o,
+    Py_ssize_t i,
+    Py_ssize_t n,
+    const floating* tile,
+) noexcept nogil:
+    # Writes the first n positions of a tile (class stride TILE) to
+    # out[o, :, i .. i + n], by vector copies where those are contiguous.
+    cdef Py_ssize_t n_classes = out.shape[1]
+    cdef Py_ssize_t c, j, out_stride
+    cdef floating* dst
+    cdef const floating* src
+
+    if (n == TILE and out.strides[2] == sizeof(floating)
+            and out.strides[1] % sizeof(floating) == 0):
+        out_stride = out.strides[1] // <Py_ssize_t>sizeof(floating)
+        for c in range(n_classes):
+            dst = &out[o, 0, i] + c * out_stride
+            src = tile + c * TILE
+            for j in range(TILE):
+                dst[j] = src[j]
+    else:
+        for c in range(n_classes):
+            for j in range(n):
+                out[o, c, i + j] = tile[c * TILE + j]
+
+
+cdef void index_sums_block(
     const floating[:, :, :] logits,
     const int64_t[:, :] target,
     bint has_ignore,
@@ -286,9 +340,13 @@ cdef Py_ssize_t index_sums_block(
     Py_ssize_t stop,
     double* work,
     double* acc,
+    floating[:, :, :] prob_out,
+    bint store_prob,
 ) noexcept nogil:
-    # acc holds I, P and Y of the C classes, in that order. Returns the first
-    # position whose class index is out of range, or -1.
+    # acc holds I, P and Y of the C classes, in that order. Every class
+    # index has been checked. With store_prob, the probabilities also go to
+    # prob_out (the gradient array), where pass 2 reads them back in place
+    # of a second softmax.
     #
     # The block is walked in tiles of at most TILE positions that never cross
     # a row of ``inner`` positions. P of class c is summed into TILE lanes,
@@ -299,10 +357,11 @@ cdef Py_ssize_t index_sums_block(
     cdef Py_ssize_t o = start // inner
     cdef Py_ssize_t i = start - o * inner
     cdef Py_ssize_t q = start
-    cdef Py_ssize_t n, c, j, bad, class_stride
+    cdef Py_ssize_t n, c, j, class_stride
     cdef IndexWork w = index_work(work, n_classes)
+    cdef floating* prob = <floating*>w.prob
     cdef const floating* x
-    cdef double* pc
+    cdef floating* pc
     cdef double* lanes
     cdef int64_t t
 
@@ -310,23 +369,25 @@ cdef Py_ssize_t index_sums_block(
         w.p_lanes[j] = 0.0
     while q < stop:
         n = min(TILE, min(inner - i, stop - q))
-        bad = load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
-                           w.classes, w.keep)
-        if bad >= 0:
-            return q + bad
+        load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
+                     w.classes, w.keep)
         if n_classes > 0:
             x = load_tile(logits, o, i, n, <floating*>w.packed, &class_stride)
-            softmax_tile(x, class_stride, n_classes, w.prob, <floating*>w.zmax,
-                         w.recip)
+            softmax_tile(x, class_stride, n_classes, prob, <floating*>w.zmax,
+                         <floating*>w.recip)
+            # The tile of logits has been read, so this store is safe even
+            # where prob_out is the logits array itself.
+            if store_prob:
+                store_tile(prob_out, o, i, n, prob)
             for c in range(n_classes):
-                pc = w.prob + c * TILE
+                pc = prob + c * TILE
                 lanes = w.p_lanes + c * TILE
                 for j in range(TILE):
                     lanes[j] = lanes[j] + (pc[j] if w.keep[j] != 0.0 else 0.0)
             for j in range(n):
                 if w.keep[j] != 0.0:
                     t = w.classes[j]
-                    acc[t] += w.prob[t * TILE + j]
+                    acc[t] += prob[t * TILE + j]
                     acc[2 * n_classes + t] += 1.0
         q += n
         i += n
@@ -335,11 +396,9 @@ cdef Py_ssize_t index_sums_block(
             o += 1
     for c in range(n_classes):
         acc[n_classes + c] = sum_partials(w.p_lanes + c * TILE, TILE)
-    return -1
 
 
 cdef void index_grad_block(
-    const floating[:, :, :] logits,
     const int64_t[:, :] target,
     bint has_ignore,
     int64_t ignore_index,
@@ -350,70 +409,56 @@ cdef void index_grad_block(
     Py_ssize_t stop,
     double* work,
 ) noexcept nogil:
-    # coef_i and coef_p are this sample's rows. With g_c = gI_c * y_c + gP_c,
-    # the softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c),
+    # coef_i and coef_p are this sample's rows, and grad holds the
+    # probabilities that pass 1 stored. With g_c = gI_c * y_c + gP_c, the
+    # softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c),
     # here for a tile of positions at once, with the target's term of the
     # sum first and then the classes in order.
-    cdef Py_ssize_t n_classes = logits.shape[1]
-    cdef Py_ssize_t inner = logits.shape[2]
+    cdef Py_ssize_t n_classes = grad.shape[1]
+    cdef Py_ssize_t inner = grad.shape[2]
     cdef Py_ssize_t o = start // inner
     cdef Py_ssize_t i = start - o * inner
     cdef Py_ssize_t q = start
     cdef Py_ssize_t n, c, j, class_stride
     cdef IndexWork w = index_work(work, n_classes)
     cdef floating* tile = <floating*>w.grad_tile
-    cdef const floating* x
-    cdef floating* out
+    cdef const floating* prob
     cdef floating* gc
-    cdef double* pc
-    cdef double cp
+    cdef const floating* pc
+    cdef double cp, value
     cdef int64_t t
-    cdef bint in_place = (grad.strides[2] == sizeof(floating)
-                          and grad.strides[1] % sizeof(floating) == 0)
-    cdef Py_ssize_t out_stride = grad.strides[1] // <Py_ssize_t>sizeof(floating)
 
     if n_classes == 0:
         return
     while q < stop:
         n = min(TILE, min(inner - i, stop - q))
-        # Pass 1 checked every class index of the call.
         load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
                      w.classes, w.keep)
-        x = load_tile(logits, o, i, n, <floating*>w.packed, &class_stride)
-        softmax_tile(x, class_stride, n_classes, w.prob, <floating*>w.zmax, w.recip)
+        prob = load_tile(grad, o, i, n, <floating*>w.packed, &class_stride)
 
         for j in range(TILE):
             t = w.classes[j]
-            w.dot[j] = w.prob[t * TILE + j] * coef_i[t]
+            w.dot[j] = prob[t * class_stride + j] * coef_i[t]
         for c in range(n_classes):
-            pc = w.prob + c * TILE
+            pc = prob + c * class_stride
             cp = coef_p[c]
             for j in range(TILE):
                 w.dot[j] = w.dot[j] + pc[j] * cp
         for c in range(n_classes):
-            pc = w.prob + c * TILE
+            pc = prob + c * class_stride
             gc = tile + c * TILE
             cp = coef_p[c]
             for j in range(TILE):
-                gc[j] = <floating>(pc[j] * (cp - w.dot[j])) if w.keep[j] != 0.0 else 0.0
+                value = pc[j] * (cp - w.dot[j])
+                value = value if w.keep[j] != 0.0 else 0.0
+                gc[j] = <floating>value
         for j in range(n):
             if w.keep[j] != 0.0:
                 t = w.classes[j]
                 tile[t * TILE + j] = <floating>(
-                    w.prob[t * TILE + j] * ((coef_p[t] + coef_i[t]) - w.dot[j])
+                    prob[t * class_stride + j] * ((coef_p[t] + coef_i[t]) - w.dot[j])
                 )
-
-        # Store the tile.
-        if in_place and n == TILE:
-            for c in range(n_classes):
-                out = &grad[o, 0, i] + c * out_stride
-                gc = tile + c * TILE
-                for j in range(TILE):
-                    out[j] = gc[j]
-        else:
-            for c in range(n_classes):
-                for j in range(n):
-                    grad[o, c, i + j] = tile[c * TILE + j]
+        store_tile(grad, o, i, n, tile)
         q += n
         i += n
         if i == inner:
@@ -639,16 +684,15 @@ def overlap_index(
         raise MemoryError()
     try:
         with nogil:
-            # Pass 1: per-block sums, and the first bad index of each block.
+            # The class indices are checked before pass 1, because pass 1
+            # writes the probabilities into grad, which must stay untouched
+            # when an index is out of range.
             for b in prange(total_blocks, schedule="static", num_threads=nt):
                 s = b // blocks_per_sample
                 start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
                 stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-                bad[b] = index_sums_block(
-                    logits, target, has_ignore, ignore_index, start, stop,
-                    scratch.probs + threadid() * work_size,
-                    scratch.acc + b * stride,
-                )
+                bad[b] = scan_targets_block(target, n_classes, has_ignore,
+                                            ignore_index, start, stop)
             first_bad = -1
             for b in range(total_blocks):
                 if bad[b] >= 0:
@@ -658,6 +702,17 @@ def overlap_index(
             return float("nan"), first_bad
 
         with nogil:
+            # Pass 1: per-block sums, and the probabilities into grad.
+            for b in prange(total_blocks, schedule="static", num_threads=nt):
+                s = b // blocks_per_sample
+                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
+                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
+                index_sums_block(
+                    logits, target, has_ignore, ignore_index, start, stop,
+                    scratch.probs + threadid() * work_size,
+                    scratch.acc + b * stride, grad, write_grad,
+                )
+
             total = 0.0
             if n_samples * n_classes > 0:
                 total = finish_losses(
@@ -673,7 +728,7 @@ def overlap_index(
                     start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
                     stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
                     index_grad_block(
-                        logits, target, has_ignore, ignore_index,
+                        target, has_ignore, ignore_index,
                         scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
                         grad, start, stop, scratch.probs + threadid() * work_size,
                     )
