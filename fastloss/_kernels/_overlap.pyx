@@ -10,7 +10,10 @@
 #
 # Layers:
 #   1. Per-position loaders fill the class probabilities of one position
-#      (softmax over the class axis, or one sigmoid per element).
+#      (softmax over the class axis, or one sigmoid per element). The
+#      class-index kernels take the softmax of a tile of TILE contiguous
+#      positions by all classes at once (``softmax_tile``), so that every
+#      loop runs over positions and vectorizes.
 #   2. Pass 1 (``*_sums_block``) accumulates I, P and Y of one block of
 #      positions into that block's own slots. Every block lies inside one
 #      sample, and block boundaries depend only on the shape, so combining
@@ -21,12 +24,13 @@
 #      ``grad_scale`` (1/(samples * classes) for ``mean``).
 #   4. Pass 2 (``*_grad_block``) writes the gradient of every position from
 #      those coefficients: dloss/dp = gI * y + gP, then the chain rule
-#      through the softmax or the sigmoid.
+#      through the softmax or the sigmoid. The class-index pass 1 stores its
+#      probabilities in the gradient array, and pass 2 reads them from there.
 #
 # The Python wrapper has already viewed the logits (and a dense target) as
 # ``(outer, C, inner)`` and an index target as ``(outer, inner)``, with the
 # sample axis leading ``outer``, and has validated every argument except the
-# range of class indices, which pass 1 checks.
+# range of class indices, which ``overlap_index`` checks before pass 1.
 
 from cython.parallel cimport prange, threadid
 
@@ -39,7 +43,7 @@ from ._fastmath cimport fast_exp
 
 cdef enum:
     # Positions per tile of the class-index kernels: a multiple of every
-    # SIMD width, and small enough that a tile of 21 classes stays in L1.
+    # SIMD width. The per-thread buffers of 21 classes then take 45 KB.
     TILE = 64
 
 
@@ -125,7 +129,7 @@ cdef void softmax_tile(
     # NaN and -inf logits give NaN probabilities as in softmax_at, and a
     # position whose maximum is +inf is redone by the scalar rule there.
     # The arithmetic is in the logits' precision, so float32 logits fill 4
-    # SIMD lanes, as torch.softmax computes float32 in float32.
+    # SSE2 lanes, and exp is the branch-free one of fastmath.h.
     cdef Py_ssize_t c, j, n_top
     cdef const floating* xc
     cdef floating* pc
@@ -242,8 +246,8 @@ cdef Py_ssize_t load_targets(
 
 
 cdef struct IndexWork:
-    # Per-thread buffers of the class-index kernels, all carved from one
-    # allocation: TILE positions by n_classes classes each.
+    # Per-thread buffers of the class-index kernels, carved from one
+    # allocation of index_work_size doubles by index_work.
     double* prob
     double* p_lanes
     double* recip

@@ -1,11 +1,16 @@
 # Sigmoid losses: binary cross-entropy with logits and the sigmoid focal loss.
 #
 # Layers:
-#   1. Scalar functions on double (``bce_point``, ``focal_point``) return one
-#      element's loss and store its derivative with respect to the logit.
+#   1. Scalar functions (``bce_point``, ``focal_point``) return one
+#      element's loss in double and store its derivative with respect to
+#      the logit. ``bce_point`` is branch-free, on the exp and log1p of
+#      fastmath.h.
 #   2. Block functions (``bce_block``, ``focal_block``) walk one BLOCK_SIZE
 #      block of the flat iteration space of 3-D views, write the
 #      per-element loss and gradient where asked, and return the block's sum.
+#      ``bce_contig_block`` does the same for C-contiguous data without
+#      weights, in loops that vectorize, and adds in the same order, so both
+#      give the same bits.
 #   3. The ``def`` kernels run the blocks under ``prange`` and combine the
 #      block sums with ``sum_partials``, so the total is bit-identical for
 #      every thread count.
@@ -219,7 +224,7 @@ cdef double bce_contig_block(
 
     for j in range(LANES):
         lanes[j] = 0.0
-    # gcc 12 does not vectorize a loop in which fl_exp feeds fl_log1p, so
+    # gcc 12.2 does not vectorize a loop in which fl_exp feeds fl_log1p, so
     # each group takes its exps in a loop of its own. Each variant writes
     # only the outputs it has, which keeps NULL tests out of the loops.
     if g != NULL and o == NULL:
