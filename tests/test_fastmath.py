@@ -142,3 +142,38 @@ def test_log1p_edge_values():
     assert got[4] == 5e-324
     np.testing.assert_allclose(got[5:], np.log1p([1e308, np.finfo(float).max]), rtol=1e-15)
     assert np.all(np.isnan(fast_log1p(np.array([np.nan, -2.0, -np.inf]))))
+
+
+def fast_log1pf(x):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(x)
+    _fastmath.log1pf(x, out)
+    return out
+
+
+def test_log1pf_within_2_ulp(rng):
+    # float64 NumPy is exact far below one float32 ulp.
+    x = np.concatenate([
+        np.logspace(-44, 38, 100_001).astype(np.float32),
+        rng.uniform(0.0, 10.0, 200_000).astype(np.float32),
+        rng.uniform(-0.9999, 0.0, 100_000).astype(np.float32),
+        rng.uniform(0.0, 1e-6, 10_000).astype(np.float32),
+        np.linspace(0.0, 1.0, 100_001, dtype=np.float32),
+        np.array([np.sqrt(0.5) - 1, np.sqrt(2.0) - 1, 1.0, 2.0**23, 2.0**24], np.float32),
+    ])
+    exact = np.log1p(x.astype(np.float64))
+    error = ulp_error(fast_log1pf(x), exact, np.float32)
+    assert error.max() <= MAX_ULP
+
+
+def test_log1pf_edge_values():
+    tiny = np.float32(1e-45)
+    huge = np.finfo(np.float32).max
+    got = fast_log1pf(np.array([0.0, -0.0, np.inf, -1.0, tiny, huge], np.float32))
+    assert got[0] == 0.0
+    assert got[1] == 0.0
+    assert got[2] == np.inf
+    assert got[3] == -np.inf
+    assert got[4] == tiny
+    np.testing.assert_allclose(got[5], np.log1p(np.float64(huge)), rtol=2e-7)
+    assert np.all(np.isnan(fast_log1pf(np.array([np.nan, -2.0, -np.inf], np.float32))))

@@ -613,6 +613,37 @@ def test_thread_counts_bit_identical(rng, name, mode, per_sample):
     )
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("shape", [(3, 5, 4099), (1, 2, 63), (2, 70, 65)])
+def test_index_tiles_match_one_hot(rng, name, shape):
+    # Rows whose length is no multiple of the 64-position tile, blocks that
+    # cross rows, and more classes than a tile has positions: the tiled
+    # class-index kernel must agree with the one-hot (dense) kernel.
+    logits = rng.standard_normal(shape) * 3
+    labels = rng.integers(0, shape[1], size=(shape[0], shape[2]))
+    labels[:, ::7] = -1
+    one_hot = np.moveaxis(np.eye(shape[1])[np.where(labels < 0, 0, labels)], -1, 1)
+    kwargs = dict(return_grad=True, **loss_kwargs(name))
+    loss, grad = LOSSES[name](logits, labels, ignore_index=-1, **kwargs)
+    kept = labels >= 0
+    logits_kept = np.moveaxis(logits, 1, 2)[kept][None].transpose(0, 2, 1)
+    labels_kept = labels[kept][None]
+    dense = np.moveaxis(one_hot, 1, 2)[kept][None].transpose(0, 2, 1)
+    expected_loss, expected_kept = LOSSES[name](logits_kept, dense, **kwargs)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+    np.testing.assert_allclose(
+        np.moveaxis(grad, 1, 2)[kept], expected_kept[0].T, rtol=1e-10, atol=1e-16
+    )
+    assert np.all(np.moveaxis(grad, 1, 2)[~kept] == 0.0)
+    packed_loss, packed_grad = LOSSES[name](
+        np.asfortranarray(logits), labels, ignore_index=-1, **kwargs
+    )
+    assert packed_loss.tobytes() == loss.tobytes()
+    assert packed_grad.tobytes() == grad.tobytes()
+    loss_kept = LOSSES[name](logits_kept, labels_kept, **loss_kwargs(name))
+    np.testing.assert_allclose(loss_kept, expected_loss, rtol=1e-12)
+
+
 @pytest.mark.parametrize("mode", ["multiclass", "multilabel", "binary"])
 def test_grad_out_is_used(rng, mode):
     logits, target = make_case(rng, mode)

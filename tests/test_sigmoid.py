@@ -413,6 +413,29 @@ def test_layouts_match_contiguous(rng, name):
     np.testing.assert_array_equal(y, y_before)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 63, 64, 4096 * 3 + 77])
+def test_bce_contiguous_and_strided_sums_agree(rng, dtype, n):
+    # The contiguous loop (no weights) and the strided loop add the same
+    # elements into the same lanes, so every reduction gives the same bits.
+    x = (rng.standard_normal(n) * 8).astype(dtype)
+    y = rng.random(n).astype(dtype)
+    x[::7] = np.inf
+    x[3::7] = -np.inf
+    x[5::7] = 40.0
+    spaced_x = np.repeat(x, 2)[::2]
+    spaced_y = np.repeat(y, 2)[::2]
+    for reduction in ["mean", "sum", "none"]:
+        loss, grad = fl.binary_cross_entropy_with_logits(
+            x, y, reduction=reduction, return_grad=True
+        )
+        strided_loss, strided_grad = fl.binary_cross_entropy_with_logits(
+            spaced_x, spaced_y, reduction=reduction, return_grad=True
+        )
+        assert strided_loss.tobytes() == loss.tobytes(), reduction
+        assert strided_grad.tobytes() == grad.tobytes(), reduction
+
+
 def test_broadcast_weight_is_a_zero_stride_view():
     w = sigmoid_module._broadcast_weight(np.ones(7), "weight", (1000, 7), np.dtype("f8"))
     assert w.strides == (0, 8)

@@ -4,6 +4,7 @@ cdef extern from "fastmath.h" nogil:
     float fl_expf(float x)
     double fl_exp(double x)
     double fl_log1p(double x)
+    float fl_log1pf(float x)
 
 from ._common cimport floating
 

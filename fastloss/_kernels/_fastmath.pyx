@@ -21,3 +21,11 @@ def log1p(const double[::1] x, double[::1] out):
     with nogil:
         for i in range(x.shape[0]):
             out[i] = fl_log1p(x[i])
+
+
+def log1pf(const float[::1] x, float[::1] out):
+    """Write ``log(1 + x)`` of each element of ``x`` (float32) to ``out``."""
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(x.shape[0]):
+            out[i] = fl_log1pf(x[i])

@@ -10,7 +10,10 @@
 #
 # Layers:
 #   1. Per-position loaders fill the class probabilities of one position
-#      (softmax over the class axis, or one sigmoid per element).
+#      (softmax over the class axis, or one sigmoid per element). The
+#      class-index kernels take the softmax of a tile of TILE contiguous
+#      positions by all classes at once (``softmax_tile``), so that every
+#      loop runs over positions and vectorizes.
 #   2. Pass 1 (``*_sums_block``) accumulates I, P and Y of one block of
 #      positions into that block's own slots. Every block lies inside one
 #      sample, and block boundaries depend only on the shape, so combining
@@ -21,12 +24,13 @@
 #      ``grad_scale`` (1/(samples * classes) for ``mean``).
 #   4. Pass 2 (``*_grad_block``) writes the gradient of every position from
 #      those coefficients: dloss/dp = gI * y + gP, then the chain rule
-#      through the softmax or the sigmoid.
+#      through the softmax or the sigmoid. The class-index pass 1 stores its
+#      probabilities in the gradient array, and pass 2 reads them from there.
 #
 # The Python wrapper has already viewed the logits (and a dense target) as
 # ``(outer, C, inner)`` and an index target as ``(outer, inner)``, with the
 # sample axis leading ``outer``, and has validated every argument except the
-# range of class indices, which pass 1 checks.
+# range of class indices, which ``overlap_index`` checks before pass 1.
 
 from cython.parallel cimport prange, threadid
 
@@ -35,6 +39,12 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport calloc, malloc, free
 
 from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
+from ._fastmath cimport fast_exp
+
+cdef enum:
+    # Positions per tile of the class-index kernels: a multiple of every
+    # SIMD width. The per-thread buffers of 21 classes then take 45 KB.
+    TILE = 64
 
 
 cdef inline double sum_strided(const double* x, Py_ssize_t n,
@@ -105,35 +115,191 @@ cdef inline void softmax_at(const floating[:, :, :] logits, Py_ssize_t o,
         p[c] = p[c] / total
 
 
-cdef Py_ssize_t index_sums_block(
+cdef void softmax_tile(
+    const floating* x,
+    Py_ssize_t class_stride,
+    Py_ssize_t n_classes,
+    floating* prob,
+    floating* zmax,
+    floating* recip,
+) noexcept nogil:
+    # Softmax over the classes of TILE positions at once: x[c * class_stride
+    # + j] is the logit of class c at position j, and prob[c * TILE + j] its
+    # probability. Every loop runs over the TILE positions, so it vectorizes.
+    # NaN and -inf logits give NaN probabilities as in softmax_at, and a
+    # position whose maximum is +inf is redone by the scalar rule there.
+    # The arithmetic is in the logits' precision, so float32 logits fill 4
+    # SSE2 lanes, and exp is the branch-free one of fastmath.h.
+    cdef Py_ssize_t c, j, n_top
+    cdef const floating* xc
+    cdef floating* pc
+    cdef floating z, e, total
+
+    for j in range(TILE):
+        zmax[j] = x[j]
+    for c in range(1, n_classes):
+        xc = x + c * class_stride
+        for j in range(TILE):
+            z = xc[j]
+            zmax[j] = z if z > zmax[j] else zmax[j]
+    for j in range(TILE):
+        recip[j] = 0.0
+    for c in range(n_classes):
+        xc = x + c * class_stride
+        pc = prob + c * TILE
+        for j in range(TILE):
+            e = fast_exp(<floating>(xc[j] - zmax[j]))
+            pc[j] = e
+            recip[j] = recip[j] + e
+    for j in range(TILE):
+        recip[j] = 1 / recip[j]
+    for c in range(n_classes):
+        pc = prob + c * TILE
+        for j in range(TILE):
+            pc[j] = pc[j] * recip[j]
+
+    # A +inf maximum: probability 1 for a single +inf logit, 0 for the rest
+    # (NaN for a NaN logit), and NaN for all when several logits are +inf.
+    for j in range(TILE):
+        if zmax[j] != INFINITY:
+            continue
+        n_top = 0
+        total = 0.0
+        for c in range(n_classes):
+            z = x[c * class_stride + j]
+            if z == INFINITY:
+                e = 1.0
+                n_top += 1
+            else:
+                e = 0.0 if z == z else NAN
+            prob[c * TILE + j] = e
+            total += e
+        if n_top > 1:
+            total = NAN
+        for c in range(n_classes):
+            prob[c * TILE + j] = prob[c * TILE + j] / total
+
+
+cdef const floating* load_tile(
     const floating[:, :, :] logits,
+    Py_ssize_t o,
+    Py_ssize_t i,
+    Py_ssize_t n,
+    floating* packed,
+    Py_ssize_t* class_stride,
+) noexcept nogil:
+    # Returns a pointer to the logits of positions (o, i .. i + n) with unit
+    # stride along the positions. A full tile whose positions are contiguous
+    # is read in place. Any other tile is copied into packed (class stride
+    # TILE) and padded with zeros, so every layout runs the same arithmetic
+    # on the same values and gives the same bits.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t c, j
+    cdef floating* dst
+
+    if (n == TILE and logits.strides[2] == sizeof(floating)
+            and logits.strides[1] % sizeof(floating) == 0):
+        class_stride[0] = logits.strides[1] // <Py_ssize_t>sizeof(floating)
+        return &logits[o, 0, i]
+    for c in range(n_classes):
+        dst = packed + c * TILE
+        for j in range(n):
+            dst[j] = logits[o, c, i + j]
+        for j in range(n, TILE):
+            dst[j] = 0.0
+    class_stride[0] = TILE
+    return packed
+
+
+cdef Py_ssize_t load_targets(
     const int64_t[:, :] target,
+    Py_ssize_t n_classes,
+    bint has_ignore,
+    int64_t ignore_index,
+    Py_ssize_t o,
+    Py_ssize_t i,
+    Py_ssize_t n,
+    int64_t* classes,
+    double* keep,
+) noexcept nogil:
+    # Fills the class and the keep flag (1 kept, 0 ignored or padding) of
+    # each tile position, with class 0 where the flag is 0 so that gathers
+    # stay in range. Returns the offset of the first out-of-range class in
+    # the tile, or -1.
+    cdef Py_ssize_t j
+    cdef int64_t t
+
+    for j in range(n):
+        t = target[o, i + j]
+        if has_ignore and t == ignore_index:
+            classes[j] = 0
+            keep[j] = 0.0
+        elif t < 0 or t >= n_classes:
+            return j
+        else:
+            classes[j] = t
+            keep[j] = 1.0
+    for j in range(n, TILE):
+        classes[j] = 0
+        keep[j] = 0.0
+    return -1
+
+
+cdef struct IndexWork:
+    # Per-thread buffers of the class-index kernels, carved from one
+    # allocation of index_work_size doubles by index_work.
+    double* prob
+    double* p_lanes
+    double* recip
+    double* keep
+    double* dot
+    int64_t* classes
+    void* packed
+    void* zmax
+    void* grad_tile
+
+
+cdef inline Py_ssize_t index_work_size(Py_ssize_t n_classes) noexcept nogil:
+    # Doubles per thread: prob, p_lanes, packed and grad_tile (n_classes *
+    # TILE each), then recip, keep, dot, classes and zmax (TILE each).
+    return 4 * n_classes * TILE + 5 * TILE
+
+
+cdef inline IndexWork index_work(double* base, Py_ssize_t n_classes) noexcept nogil:
+    cdef IndexWork w
+    cdef Py_ssize_t m = n_classes * TILE
+    w.prob = base
+    w.p_lanes = base + m
+    w.packed = <void*>(base + 2 * m)
+    w.grad_tile = <void*>(base + 3 * m)
+    w.recip = base + 4 * m
+    w.keep = base + 4 * m + TILE
+    w.dot = base + 4 * m + 2 * TILE
+    w.classes = <int64_t*>(base + 4 * m + 3 * TILE)
+    w.zmax = <void*>(base + 4 * m + 4 * TILE)
+    return w
+
+
+cdef Py_ssize_t scan_targets_block(
+    const int64_t[:, :] target,
+    Py_ssize_t n_classes,
     bint has_ignore,
     int64_t ignore_index,
     Py_ssize_t start,
     Py_ssize_t stop,
-    double* p,
-    double* acc,
 ) noexcept nogil:
-    # acc holds I, P and Y of the C classes, in that order. Returns the first
-    # position whose class index is out of range, or -1.
-    cdef Py_ssize_t n_classes = logits.shape[1]
-    cdef Py_ssize_t inner = logits.shape[2]
+    # Returns the first flat position in [start, stop) whose class index is
+    # out of range and not ignore_index, or -1.
+    cdef Py_ssize_t inner = target.shape[1]
     cdef Py_ssize_t o = start // inner
     cdef Py_ssize_t i = start - o * inner
-    cdef Py_ssize_t q, c
+    cdef Py_ssize_t q
     cdef int64_t t
 
     for q in range(start, stop):
         t = target[o, i]
-        if not (has_ignore and t == ignore_index):
-            if t < 0 or t >= n_classes:
-                return q
-            softmax_at(logits, o, i, p)
-            for c in range(n_classes):
-                acc[n_classes + c] += p[c]
-            acc[t] += p[t]
-            acc[2 * n_classes + t] += 1.0
+        if not (has_ignore and t == ignore_index) and (t < 0 or t >= n_classes):
+            return q
         i += 1
         if i == inner:
             i = 0
@@ -141,8 +307,102 @@ cdef Py_ssize_t index_sums_block(
     return -1
 
 
-cdef void index_grad_block(
+cdef void store_tile(
+    floating[:, :, :] out,
+    Py_ssize_t o,
+    Py_ssize_t i,
+    Py_ssize_t n,
+    const floating* tile,
+) noexcept nogil:
+    # Writes the first n positions of a tile (class stride TILE) to
+    # out[o, :, i .. i + n], by vector copies where those are contiguous.
+    cdef Py_ssize_t n_classes = out.shape[1]
+    cdef Py_ssize_t c, j, out_stride
+    cdef floating* dst
+    cdef const floating* src
+
+    if (n == TILE and out.strides[2] == sizeof(floating)
+            and out.strides[1] % sizeof(floating) == 0):
+        out_stride = out.strides[1] // <Py_ssize_t>sizeof(floating)
+        for c in range(n_classes):
+            dst = &out[o, 0, i] + c * out_stride
+            src = tile + c * TILE
+            for j in range(TILE):
+                dst[j] = src[j]
+    else:
+        for c in range(n_classes):
+            for j in range(n):
+                out[o, c, i + j] = tile[c * TILE + j]
+
+
+cdef void index_sums_block(
     const floating[:, :, :] logits,
+    const int64_t[:, :] target,
+    bint has_ignore,
+    int64_t ignore_index,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+    double* work,
+    double* acc,
+    floating[:, :, :] prob_out,
+    bint store_prob,
+) noexcept nogil:
+    # acc holds I, P and Y of the C classes, in that order. Every class
+    # index has been checked. With store_prob, the probabilities also go to
+    # prob_out (the gradient array), where pass 2 reads them back in place
+    # of a second softmax.
+    #
+    # The block is walked in tiles of at most TILE positions that never cross
+    # a row of ``inner`` positions. P of class c is summed into TILE lanes,
+    # position j of every tile into lane j, and the lanes are combined in a
+    # fixed pairwise order, so the result depends only on the shape.
+    cdef Py_ssize_t n_classes = logits.shape[1]
+    cdef Py_ssize_t inner = logits.shape[2]
+    cdef Py_ssize_t o = start // inner
+    cdef Py_ssize_t i = start - o * inner
+    cdef Py_ssize_t q = start
+    cdef Py_ssize_t n, c, j, class_stride
+    cdef IndexWork w = index_work(work, n_classes)
+    cdef floating* prob = <floating*>w.prob
+    cdef const floating* x
+    cdef floating* pc
+    cdef double* lanes
+    cdef int64_t t
+
+    for j in range(n_classes * TILE):
+        w.p_lanes[j] = 0.0
+    while q < stop:
+        n = min(TILE, min(inner - i, stop - q))
+        load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
+                     w.classes, w.keep)
+        if n_classes > 0:
+            x = load_tile(logits, o, i, n, <floating*>w.packed, &class_stride)
+            softmax_tile(x, class_stride, n_classes, prob, <floating*>w.zmax,
+                         <floating*>w.recip)
+            # The tile of logits has been read, so this store is safe even
+            # where prob_out is the logits array itself.
+            if store_prob:
+                store_tile(prob_out, o, i, n, prob)
+            for c in range(n_classes):
+                pc = prob + c * TILE
+                lanes = w.p_lanes + c * TILE
+                for j in range(TILE):
+                    lanes[j] = lanes[j] + (pc[j] if w.keep[j] != 0.0 else 0.0)
+            for j in range(n):
+                if w.keep[j] != 0.0:
+                    t = w.classes[j]
+                    acc[t] += prob[t * TILE + j]
+                    acc[2 * n_classes + t] += 1.0
+        q += n
+        i += n
+        if i == inner:
+            i = 0
+            o += 1
+    for c in range(n_classes):
+        acc[n_classes + c] = sum_partials(w.p_lanes + c * TILE, TILE)
+
+
+cdef void index_grad_block(
     const int64_t[:, :] target,
     bint has_ignore,
     int64_t ignore_index,
@@ -151,32 +411,60 @@ cdef void index_grad_block(
     floating[:, :, :] grad,
     Py_ssize_t start,
     Py_ssize_t stop,
-    double* p,
+    double* work,
 ) noexcept nogil:
-    # coef_i and coef_p are this sample's rows. With g_c = gI_c * y_c + gP_c,
-    # the softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c).
-    cdef Py_ssize_t n_classes = logits.shape[1]
-    cdef Py_ssize_t inner = logits.shape[2]
+    # coef_i and coef_p are this sample's rows, and grad holds the
+    # probabilities that pass 1 stored. With g_c = gI_c * y_c + gP_c, the
+    # softmax's chain rule gives dloss/dz_j = p_j * (g_j - sum_c p_c g_c),
+    # here for a tile of positions at once, with the target's term of the
+    # sum first and then the classes in order.
+    cdef Py_ssize_t n_classes = grad.shape[1]
+    cdef Py_ssize_t inner = grad.shape[2]
     cdef Py_ssize_t o = start // inner
     cdef Py_ssize_t i = start - o * inner
-    cdef Py_ssize_t q, c
+    cdef Py_ssize_t q = start
+    cdef Py_ssize_t n, c, j, class_stride
+    cdef IndexWork w = index_work(work, n_classes)
+    cdef floating* tile = <floating*>w.grad_tile
+    cdef const floating* prob
+    cdef floating* gc
+    cdef const floating* pc
+    cdef double cp, value
     cdef int64_t t
-    cdef double dot, g
 
-    for q in range(start, stop):
-        t = target[o, i]
-        if has_ignore and t == ignore_index:
-            for c in range(n_classes):
-                grad[o, c, i] = 0.0
-        else:
-            softmax_at(logits, o, i, p)
-            dot = p[t] * coef_i[t]
-            for c in range(n_classes):
-                dot = dot + p[c] * coef_p[c]
-            for c in range(n_classes):
-                g = coef_p[c] + coef_i[c] if c == t else coef_p[c]
-                grad[o, c, i] = <floating>(p[c] * (g - dot))
-        i += 1
+    if n_classes == 0:
+        return
+    while q < stop:
+        n = min(TILE, min(inner - i, stop - q))
+        load_targets(target, n_classes, has_ignore, ignore_index, o, i, n,
+                     w.classes, w.keep)
+        prob = load_tile(grad, o, i, n, <floating*>w.packed, &class_stride)
+
+        for j in range(TILE):
+            t = w.classes[j]
+            w.dot[j] = prob[t * class_stride + j] * coef_i[t]
+        for c in range(n_classes):
+            pc = prob + c * class_stride
+            cp = coef_p[c]
+            for j in range(TILE):
+                w.dot[j] = w.dot[j] + pc[j] * cp
+        for c in range(n_classes):
+            pc = prob + c * class_stride
+            gc = tile + c * TILE
+            cp = coef_p[c]
+            for j in range(TILE):
+                value = pc[j] * (cp - w.dot[j])
+                value = value if w.keep[j] != 0.0 else 0.0
+                gc[j] = <floating>value
+        for j in range(n):
+            if w.keep[j] != 0.0:
+                t = w.classes[j]
+                tile[t * TILE + j] = <floating>(
+                    prob[t * class_stride + j] * ((coef_p[t] + coef_i[t]) - w.dot[j])
+                )
+        store_tile(grad, o, i, n, tile)
+        q += n
+        i += n
         if i == inner:
             i = 0
             o += 1
@@ -389,7 +677,8 @@ def overlap_index(
     cdef Py_ssize_t total_blocks = n_samples * blocks_per_sample
     cdef Py_ssize_t stride = 3 * n_classes
     cdef int nt = threads_for(n_positions * n_classes, n_threads)
-    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * n_classes,
+    cdef Py_ssize_t work_size = index_work_size(n_classes)
+    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * work_size,
                                      n_samples * n_classes)
     cdef Py_ssize_t* bad = <Py_ssize_t*>malloc(max(total_blocks, 1) * sizeof(Py_ssize_t))
     cdef Py_ssize_t b, s, start, stop, first_bad
@@ -399,16 +688,15 @@ def overlap_index(
         raise MemoryError()
     try:
         with nogil:
-            # Pass 1: per-block sums, and the first bad index of each block.
+            # The class indices are checked before pass 1, because pass 1
+            # writes the probabilities into grad, which must stay untouched
+            # when an index is out of range.
             for b in prange(total_blocks, schedule="static", num_threads=nt):
                 s = b // blocks_per_sample
                 start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
                 stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-                bad[b] = index_sums_block(
-                    logits, target, has_ignore, ignore_index, start, stop,
-                    scratch.probs + threadid() * n_classes,
-                    scratch.acc + b * stride,
-                )
+                bad[b] = scan_targets_block(target, n_classes, has_ignore,
+                                            ignore_index, start, stop)
             first_bad = -1
             for b in range(total_blocks):
                 if bad[b] >= 0:
@@ -418,6 +706,17 @@ def overlap_index(
             return float("nan"), first_bad
 
         with nogil:
+            # Pass 1: per-block sums, and the probabilities into grad.
+            for b in prange(total_blocks, schedule="static", num_threads=nt):
+                s = b // blocks_per_sample
+                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
+                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
+                index_sums_block(
+                    logits, target, has_ignore, ignore_index, start, stop,
+                    scratch.probs + threadid() * work_size,
+                    scratch.acc + b * stride, grad, write_grad,
+                )
+
             total = 0.0
             if n_samples * n_classes > 0:
                 total = finish_losses(
@@ -433,9 +732,9 @@ def overlap_index(
                     start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
                     stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
                     index_grad_block(
-                        logits, target, has_ignore, ignore_index,
+                        target, has_ignore, ignore_index,
                         scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
-                        grad, start, stop, scratch.probs + threadid() * n_classes,
+                        grad, start, stop, scratch.probs + threadid() * work_size,
                     )
     finally:
         free(bad)

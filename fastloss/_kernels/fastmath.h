@@ -26,7 +26,7 @@
  * the arrangement of fdlibm's log. Valid for x >= -1, which is all the
  * softmax kernels need (x is a sum of exps): x < -1 gives NaN, x = -1 gives
  * -inf, +inf gives +inf. Measured: at most 1 ulp from the correctly
- * rounded result.
+ * rounded result. fl_log1pf is the same in float.
  *
  * The rounding constant trick (adding 1.5 * 2^23 or 1.5 * 2^52) relies on
  * strict IEEE evaluation: do not build this file with -ffast-math.
@@ -187,6 +187,42 @@ static inline double fl_log1p(double x) {
     result = u == INFINITY ? u : result;
     result = u == 0.0 ? -INFINITY : result;
     result = (u < 0.0) | (x != x) ? NAN : result;
+    return result;
+}
+
+/* log(1 + x) in float, for x >= -1: fl_log1p's method with float constants.
+   ln2_hi keeps 17 significant bits. The series stops at s^11, whose next
+   term is below 1e-9 of the result for |s| <= 0.1716. */
+static inline float fl_log1pf(float x) {
+    const float ln2_hi = 6.9313812256e-01f;  /* 0x3f317180 */
+    const float ln2_lo = 9.0580006145e-06f;  /* 0x3717f7d1 */
+    const uint32_t sqrt_half_bits = 0x3f3504f3u;  /* sqrt(1/2) */
+    const uint32_t mantissa_mask = 0x007fffffu;
+
+    float u = 1.0f + x;
+    float c = (x - (u - 1.0f)) / u;
+
+    /* u = 2^e m with m in [sqrt(1/2), sqrt(2)), as in fl_log1p. The int32
+       to float conversion of e vectorizes in SSE2. */
+    uint32_t shifted = fl_bits_f(u) + (0x3f800000u - sqrt_half_bits);
+    float e = (float)((int32_t)(shifted >> 23) - 127);
+    float m = fl_from_bits_f((shifted & mantissa_mask) + sqrt_half_bits);
+
+    float f = m - 1.0f;
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float t = 2.0f / 11.0f;
+    t = t * s2 + 2.0f / 9.0f;
+    t = t * s2 + 2.0f / 7.0f;
+    t = t * s2 + 2.0f / 5.0f;
+    t = t * s2 + 2.0f / 3.0f;
+    float big_r = t * s2;
+    float hfsq = 0.5f * f * f;
+    float result = e * ln2_hi - ((hfsq - (s * (hfsq + big_r) + (e * ln2_lo + c))) - f);
+
+    result = u == INFINITY ? u : result;
+    result = u == 0.0f ? -INFINITY : result;
+    result = (u < 0.0f) | (x != x) ? NAN : result;
     return result;
 }
 
