@@ -114,7 +114,8 @@ def main(argv=None):
     record.update(run_suite(mode, args.filter, requested, progress=progress))
     record["wall_s"] = time.perf_counter() - clock
 
-    markdown = report.render_markdown(record)
+    history = report.kept_history(args.markdown) if args.markdown else ""
+    markdown = report.render_markdown(record, history)
     if args.json:
         report.write_json(record, args.json)
     if args.markdown:

@@ -153,3 +153,18 @@ def test_entry_points_print_help(command):
     assert result.returncode == 0, result.stderr
     assert "--quick" in result.stdout
     assert "--markdown" in result.stdout
+
+
+def test_markdown_keeps_history_section(tmp_path):
+    from fastloss._bench import report
+
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text(
+        "# old table\n\nstale rows\n\n## Optimization history\n\n- kernel: 9 ms -> 3 ms\n"
+    )
+    history = report.kept_history(page)
+    assert history == "## Optimization history\n\n- kernel: 9 ms -> 3 ms\n"
+    assert report.kept_history(tmp_path / "missing.md") == ""
+
+    page.write_text("# a page without a history section\n")
+    assert report.kept_history(page) == ""

@@ -195,8 +195,30 @@ def _method_text(record):
     )
 
 
-def render_markdown(record):
-    """Render the record as the Markdown page ``BENCHMARKS.md``."""
+HISTORY_HEADING = "## Optimization history"
+
+
+def kept_history(path):
+    """Return the hand-written history section of an existing page, or "".
+
+    The section starts at ``HISTORY_HEADING`` and runs to the end of the
+    page. Regenerating ``BENCHMARKS.md`` keeps it, because its before/after
+    numbers come from runs of older code that a new run cannot repeat.
+    """
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    start = text.find("\n" + HISTORY_HEADING + "\n")
+    return text[start + 1 :] if start >= 0 else ""
+
+
+def render_markdown(record, history=""):
+    """Render the record as the Markdown page ``BENCHMARKS.md``.
+
+    ``history`` (a section from ``kept_history``) is appended unchanged.
+    """
     machine = record["machine"]
     bandwidth = record["bandwidth"]
     anchors = _anchors_in(record)
@@ -294,7 +316,10 @@ def render_markdown(record):
             f"The machine was not quiet at the start of {len(not_quiet)} of"
             f" {len(workloads)} workloads (the wait hit its cap); see `quiet` in the JSON record.",
         ]
-    return "\n".join(out) + "\n"
+    page = "\n".join(out) + "\n"
+    if history:
+        page += "\n" + history.rstrip("\n") + "\n"
+    return page
 
 
 def write_plot(record, path):
