@@ -7,7 +7,7 @@ from hypothesis import settings
 import fastloss
 
 # CI runs Hypothesis with a fixed seed, so a red run is reproducible and a
-# green one does not depend on luck; local runs keep exploring new examples.
+# green one does not depend on luck. Local runs keep exploring new examples.
 settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI", "").lower() in ("1", "true"):
     settings.load_profile("ci")
