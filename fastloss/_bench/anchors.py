@@ -86,3 +86,26 @@ def thread_settings(available):
 
         settings["numba"] = numba.get_num_threads()
     return settings
+
+
+def jax_value_and_grad(mean_loss, *arrays):
+    """Return ``(run, extract)`` timing ``jax.jit(jax.value_and_grad(mean_loss))``.
+
+    ``run`` calls the jitted function on ``arrays`` (converted to JAX arrays
+    once, outside the timing) and waits for the gradient, because JAX
+    dispatches asynchronously. ``extract`` turns its result into
+    ``(float loss, NumPy grad)`` for the correctness check.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    func = jax.jit(jax.value_and_grad(mean_loss))
+    inputs = [jnp.asarray(a) for a in arrays]
+
+    def run():
+        value, grad = func(*inputs)
+        grad.block_until_ready()
+        return value, grad
+
+    return run, lambda result: (float(result[0]), np.asarray(result[1]))

@@ -20,6 +20,7 @@ import numpy as np
 
 import fastloss
 
+from .anchors import jax_value_and_grad
 from .workload import Implementation, Workload, format_count
 
 # Logits are standard normal times this scale. For BCE a scale of 2 keeps
@@ -141,15 +142,7 @@ def _jax_ce(logits, target, axis):
         picked = jnp.take_along_axis(log_p, jnp.expand_dims(t, axis), axis=axis)
         return -jnp.mean(picked)
 
-    func = jax.jit(jax.value_and_grad(mean_loss))
-    x, t = jnp.asarray(logits), jnp.asarray(target)
-
-    def run():
-        value, grad = func(x, t)
-        grad.block_until_ready()
-        return value, grad
-
-    return run, lambda result: (float(result[0]), np.asarray(result[1]))
+    return jax_value_and_grad(mean_loss, logits, target)
 
 
 def _numba_ce(logits, target, axis):
@@ -325,15 +318,7 @@ def _jax_bce(logits, target):
     def mean_loss(x, t):
         return jnp.mean(jax.nn.softplus(x) - t * x)
 
-    func = jax.jit(jax.value_and_grad(mean_loss))
-    x, t = jnp.asarray(logits), jnp.asarray(target)
-
-    def run():
-        value, grad = func(x, t)
-        grad.block_until_ready()
-        return value, grad
-
-    return run, lambda result: (float(result[0]), np.asarray(result[1]))
+    return jax_value_and_grad(mean_loss, logits, target)
 
 
 def bce_workload(n, dtype="float32", group="classification", per_call=False):

@@ -15,6 +15,7 @@ import numpy as np
 
 import fastloss
 
+from .anchors import jax_value_and_grad
 from .workload import Implementation, Workload
 
 EPS = 1e-7
@@ -154,15 +155,7 @@ def _jax_dice(logits, target):
         score = 2 * intersection / jnp.maximum(cardinality, EPS)
         return jnp.mean((1 - score) * (jnp.sum(y, axis=dims) > 0))
 
-    func = jax.jit(jax.value_and_grad(mean_loss))
-    x, t = jnp.asarray(logits), jnp.asarray(target)
-
-    def run():
-        value, grad = func(x, t)
-        grad.block_until_ready()
-        return value, grad
-
-    return run, lambda result: (float(result[0]), np.asarray(result[1]))
+    return jax_value_and_grad(mean_loss, logits, target)
 
 
 def dice_workload(shape, dtype="float32", group="overlap", per_call=False):

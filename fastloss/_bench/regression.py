@@ -14,7 +14,7 @@ import numpy as np
 
 import fastloss
 
-from .anchors import set_threads
+from .anchors import jax_value_and_grad, set_threads
 from .workload import Implementation, Workload, format_count
 
 HUBER_DELTA = 1.0
@@ -129,7 +129,6 @@ def _sklearn_impl(loss, pred, target, n_threads):
 
 
 def _jax_impl(loss, pred, target):
-    import jax
     import jax.numpy as jnp
 
     if loss == "mse_loss":
@@ -145,15 +144,7 @@ def _jax_impl(loss, pred, target):
             delta = HUBER_DELTA
             return jnp.mean(jnp.where(a <= delta, 0.5 * d**2, delta * (a - 0.5 * delta)))
 
-    func = jax.jit(jax.value_and_grad(mean_loss))
-    p, t = jnp.asarray(pred), jnp.asarray(target)
-
-    def run():
-        value, grad = func(p, t)
-        grad.block_until_ready()
-        return value, grad
-
-    return run, lambda result: (float(result[0]), np.asarray(result[1]))
+    return jax_value_and_grad(mean_loss, pred, target)
 
 
 def _numba_impl(loss, pred, target, threads=None):
