@@ -50,7 +50,7 @@ def as_float_array(x, name, dtype=None):
     """Convert ``x`` to a float array of ``dtype`` (default: its compute dtype).
 
     The array is returned as it is, without a copy, when it already has that
-    dtype in native byte order; strides and read-only flags are kept.
+    dtype in native byte order. Its strides and read-only flag are then kept.
     """
     a = as_array(x, name)
     if dtype is None:
