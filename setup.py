@@ -3,6 +3,13 @@
 Every ``fastloss/_kernels/*.pyx`` file becomes one extension module, after
 any ``*.pyx.tp`` Tempita template beside it has been rendered to ``.pyx``.
 
+On x86-64 the hot kernel modules (``DISPATCHED`` in
+``fastloss/_kernels/__init__.py``) are built twice more, from copies named
+``<name>_avx2.pyx`` and ``<name>_avx512.pyx``, with AVX2 and AVX-512 code
+generation. The package picks one build at import from the CPU's features, so
+a wheel keeps running on any x86-64 CPU and still uses the wide vectors where
+they exist.
+
 Environment variables:
 
 FASTLOSS_DEBUG=1
@@ -11,9 +18,12 @@ FASTLOSS_DEBUG=1
 FASTLOSS_NO_OPENMP=1
     Build without OpenMP even where the compiler supports it. The kernels then
     run single-threaded and ``fastloss.openmp_enabled()`` returns False.
+FASTLOSS_NO_DISPATCH=1
+    Build only the baseline kernels, with no AVX2 or AVX-512 copies.
 """
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -32,6 +42,39 @@ HERE = Path(__file__).resolve().parent
 KERNELS = HERE / "fastloss" / "_kernels"
 DEBUG = os.environ.get("FASTLOSS_DEBUG", "0") not in ("", "0")
 NO_OPENMP = os.environ.get("FASTLOSS_NO_OPENMP", "0") not in ("", "0")
+NO_DISPATCH = os.environ.get("FASTLOSS_NO_DISPATCH", "0") not in ("", "0")
+
+# Kept equal to DISPATCHED in fastloss/_kernels/__init__.py, which the build
+# cannot import before the package is compiled.
+DISPATCHED = ("_overlap", "_regression", "_sigmoid", "_softmax", "_stats")
+
+# Code-generation flags of each SIMD build, per compiler family. The levels
+# match fl_simd_level() in cpu_features.h: the import picks a build only when
+# the CPU has every instruction set named here. -mfma only permits FMA
+# instructions; -ffp-contract=off still keeps a*b+c unfused, so every build
+# rounds each operation as the baseline does.
+SIMD_FLAGS = {
+    "avx2": {
+        "unix": ["-mavx2", "-mfma", "-mf16c"],
+        "msvc": ["/arch:AVX2"],
+    },
+    "avx512": {
+        "unix": ["-mavx512f", "-mavx512cd", "-mavx512bw", "-mavx512dq",
+                 "-mavx512vl", "-mavx2", "-mfma", "-mf16c",
+                 "-mprefer-vector-width=512"],
+        "msvc": ["/arch:AVX512"],
+    },
+}
+
+SIMD_PROBE = textwrap.dedent(
+    """\
+    float scale(float *x, int n) {
+        float s = 0.0f;
+        for (int i = 0; i < n; i++) { x[i] *= 2.0f; s += x[i]; }
+        return s;
+    }
+    """
+)
 
 OPENMP_PROBE = textwrap.dedent(
     """\
@@ -105,6 +148,33 @@ def probe_openmp(compiler, compile_args, link_args):
     return True
 
 
+def targets_x86_64():
+    """Return True when the modules are compiled for x86-64 alone.
+
+    A macOS universal2 build also compiles for arm64, where the x86 flags
+    do not exist, so it gets the baseline kernels only.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    archflags = os.environ.get("ARCHFLAGS", "")
+    return "arm64" not in archflags
+
+
+def compiler_accepts(compiler, flags):
+    """Return True if the compiler builds a small C file with ``flags``."""
+    tmpdir = tempfile.mkdtemp(prefix="fastloss-simd-")
+    source = os.path.join(tmpdir, "probe.c")
+    with open(source, "w") as f:
+        f.write(SIMD_PROBE)
+    try:
+        compiler.compile([source], output_dir=tmpdir, extra_postargs=flags)
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return True
+
+
 class BuildExt(build_ext):
     """Add optimisation and OpenMP flags that suit the compiler in use."""
 
@@ -135,27 +205,80 @@ class BuildExt(build_ext):
                 "return False.",
                 stacklevel=1,
             )
+        family = "msvc" if compiler.compiler_type == "msvc" else "unix"
+        accepted = {}
+        selected = []
         for ext in self.extensions:
-            ext.extra_compile_args = list(opt_args)
+            level = getattr(ext, "simd_level", None)
+            simd_args = []
+            if level is not None:
+                simd_args = SIMD_FLAGS[level][family]
+                if level not in accepted:
+                    accepted[level] = compiler_accepts(compiler, simd_args)
+                    if not accepted[level]:
+                        warnings.warn(
+                            f"The compiler rejects the {level} flags "
+                            f"{' '.join(simd_args)}: fastloss is being built "
+                            f"without its {level} kernels.",
+                            stacklevel=1,
+                        )
+                if not accepted[level]:
+                    continue
+            ext.extra_compile_args = list(opt_args) + simd_args
             ext.extra_link_args = []
             if omp is not None:
                 ext.extra_compile_args += omp[0]
                 ext.extra_link_args += omp[1]
+            selected.append(ext)
+        self.extensions = selected
         super().build_extensions()
+
+
+def simd_copies():
+    """Write ``<name>_<level>.pyx`` copies of the dispatched modules.
+
+    Return the list of ``(level, path)``. A copy is rewritten only when its
+    text changes, so an unchanged kernel is not recompiled. Copies of levels
+    that this build does not make are removed.
+    """
+    copies = []
+    make_copies = targets_x86_64() and not NO_DISPATCH
+    for level in SIMD_FLAGS:
+        for name in DISPATCHED:
+            target = KERNELS / f"{name}_{level}.pyx"
+            if not make_copies:
+                target.unlink(missing_ok=True)
+                continue
+            text = (
+                f"# Generated by setup.py from {name}.pyx for the {level} "
+                f"build; edit {name}.pyx.\n" + (KERNELS / f"{name}.pyx").read_text()
+            )
+            if not target.exists() or target.read_text() != text:
+                target.write_text(text)
+            copies.append((level, target))
+    return copies
+
+
+def extension(source):
+    return Extension(
+        f"fastloss._kernels.{source.stem}",
+        [str(source.relative_to(HERE))],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
 
 
 def extensions():
     render_templates()
-    modules = []
-    for source in sorted(KERNELS.glob("*.pyx")):
-        modules.append(
-            Extension(
-                f"fastloss._kernels.{source.stem}",
-                [str(source.relative_to(HERE))],
-                include_dirs=[np.get_include()],
-                define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            )
-        )
+    copies = simd_copies()
+    copy_paths = {path for _, path in copies}
+    modules = [extension(source) for source in sorted(KERNELS.glob("*.pyx"))
+               if source not in copy_paths
+               and not source.stem.endswith(tuple(f"_{level}" for level in SIMD_FLAGS))]
+    for level, path in copies:
+        module = extension(path)
+        module.simd_level = level
+        modules.append(module)
     directives = {
         "language_level": 3,
         "boundscheck": DEBUG,

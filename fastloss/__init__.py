@@ -5,6 +5,7 @@ or ``(loss, grad)`` with ``return_grad=True``, computed in one pass by a
 compiled kernel.
 """
 
+from ._kernels import SIMD_LEVEL as _SIMD_LEVEL
 from ._kernels._openmp import openmp_enabled
 from .diagnosis import Diagnosis, Finding, diagnose
 from .overlap import dice_loss, jaccard_loss, tversky_loss
@@ -22,8 +23,19 @@ from .softmax import cross_entropy, focal_loss
 
 __version__ = "0.1.0"
 
+
+def simd_level():
+    """Return the SIMD build of the kernels in use: "baseline", "avx2" or "avx512".
+
+    The choice is made at import from the CPU's features. Setting the
+    environment variable ``FASTLOSS_SIMD`` to one of these names before the
+    import caps it; every build gives the same results.
+    """
+    return _SIMD_LEVEL
+
 __all__ = [
     "openmp_enabled",
+    "simd_level",
     # Regression
     "mse_loss",
     "rmse_loss",

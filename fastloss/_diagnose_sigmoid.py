@@ -25,8 +25,11 @@ from ._diagnose_common import (
     ratio,
     shape_without_axis,
 )
-from ._kernels import _stats
+from ._kernels import load as _load_kernels
 from ._validation import as_2d_views
+
+_stats = _load_kernels("_stats")
+
 
 def diagnose_sigmoid(report, logits, target, axis, n_threads):
     """Add the findings and statistics of a sigmoid loss to ``report``.

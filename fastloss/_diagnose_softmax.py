@@ -33,7 +33,7 @@ from ._diagnose_common import (
     ratio,
     shape_without_axis,
 )
-from ._kernels import _stats
+from ._kernels import load as _load_kernels
 from ._validation import (
     as_array,
     as_float_array,
@@ -41,6 +41,9 @@ from ._validation import (
     class_axis_view,
     index_view,
 )
+
+_stats = _load_kernels("_stats")
+
 
 def _axis_name(axis, ndim):
     return "-1" if axis == ndim - 1 and ndim > 1 else str(axis)

@@ -19,7 +19,9 @@ import operator
 import numpy as np
 
 from . import _validation as v
-from ._kernels import _overlap
+from ._kernels import load as _load_kernels
+
+_overlap = _load_kernels("_overlap")
 
 MODES = ("binary", "multiclass", "multilabel")
 

@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from ._kernels import _regression as _kernels
+from ._kernels import load as _load_kernels
 from ._validation import (
     REDUCTIONS,
     as_2d_views,
@@ -26,6 +26,8 @@ from ._validation import (
     resolve_n_threads,
     to_scalar,
 )
+
+_kernels = _load_kernels("_regression")
 
 __all__ = [
     "mse_loss",

@@ -8,7 +8,9 @@ from the same pass.
 import numpy as np
 
 from . import _validation as v
-from ._kernels import _sigmoid
+from ._kernels import load as _load_kernels
+
+_sigmoid = _load_kernels("_sigmoid")
 
 # Stand-ins for the arrays that a kernel call does not read or write.
 _PLACEHOLDERS = {

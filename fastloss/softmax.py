@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-from ._kernels import _softmax
+from ._kernels import load as _load_kernels
 from ._validation import (
     as_array,
     as_float_array,
@@ -26,6 +26,8 @@ from ._validation import (
     resolve_n_threads,
     to_scalar,
 )
+
+_softmax = _load_kernels("_softmax")
 
 __all__ = ["cross_entropy", "focal_loss"]
 

@@ -20,7 +20,7 @@ THREAD_COUNTS = (1, 2, 3)
 def pytest_report_header(config):
     return (
         f"fastloss {fastloss.__version__}, openmp_enabled={fastloss.openmp_enabled()},"
-        f" numpy {np.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+        f" simd_level={fastloss.simd_level()}, numpy {np.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
     )
 
 

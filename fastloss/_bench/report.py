@@ -50,6 +50,7 @@ def machine_info():
         "fastloss_path": os.path.dirname(fastloss.__file__),
         "openmp_enabled": bool(fastloss.openmp_enabled()),
         "openmp_max_threads": max_threads(),
+        "simd_level": fastloss.simd_level(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         # The C flags Python was built with, which setuptools passes to every
         # extension before the -O3 -fno-math-errno and OpenMP flags that
@@ -235,6 +236,7 @@ def render_markdown(record, history=""):
         f"- {machine['platform']}, Python {machine['python']}, NumPy {machine['numpy']}",
         f"- fastloss {machine['fastloss']}: openmp_enabled={machine['openmp_enabled']},"
         f" OpenMP max threads {machine['openmp_max_threads']},"
+        f" SIMD build {machine.get('simd_level', 'baseline')},"
         f" OMP_NUM_THREADS={machine['OMP_NUM_THREADS']}",
         f"- C flags from Python's build: `{machine['python_cflags']}`",
     ]

@@ -1,4 +1,5 @@
-"""Report how the kernels were built and how many threads OpenMP offers."""
+"""Report how the kernels were built, how many threads OpenMP offers, and
+which SIMD instruction sets the CPU supports."""
 
 cdef extern from *:
     """
@@ -14,6 +15,9 @@ cdef extern from *:
     int fastloss_openmp_enabled() noexcept nogil
     int fastloss_max_threads() noexcept nogil
 
+cdef extern from "cpu_features.h" nogil:
+    int fl_simd_level()
+
 
 def openmp_enabled():
     """Return True if the kernels were compiled with OpenMP support."""
@@ -23,3 +27,12 @@ def openmp_enabled():
 def max_threads():
     """Return the thread count OpenMP uses by default (``OMP_NUM_THREADS``)."""
     return int(fastloss_max_threads())
+
+
+def cpu_simd_level():
+    """Return 0 (baseline), 1 (AVX2 and FMA) or 2 (AVX-512) for this CPU.
+
+    A level counts only when the operating system saves the registers it
+    uses, so the kernels built for it can run here.
+    """
+    return int(fl_simd_level())
