@@ -116,6 +116,15 @@ def test_wide_builds_match_on_diagnose(monkeypatch, level):
     assert got == expected
 
 
+@pytest.mark.parametrize("level", WIDE_LEVELS)
+@pytest.mark.parametrize("name", _kernels.DISPATCHED)
+def test_wide_build_has_its_flags(level, name):
+    # The comparison with the baseline proves nothing if a wide build was
+    # compiled with the baseline's flags.
+    module = _kernels.load(name, level)
+    assert module.compiled_simd_level() == _kernels.LEVELS.index(level)
+
+
 def test_selects_highest_available_level():
     levels = _kernels.available_levels()
     assert levels[0] == "baseline"

@@ -17,19 +17,19 @@
 #if defined(_MSC_VER)
 #include <intrin.h>
 #include <immintrin.h>
-static void fl_cpuid(int leaf, int subleaf, unsigned int r[4]) {
+static inline void fl_cpuid(int leaf, int subleaf, unsigned int r[4]) {
     int regs[4];
     __cpuidex(regs, leaf, subleaf);
     r[0] = (unsigned int)regs[0]; r[1] = (unsigned int)regs[1];
     r[2] = (unsigned int)regs[2]; r[3] = (unsigned int)regs[3];
 }
-static unsigned long long fl_xgetbv(void) { return _xgetbv(0); }
+static inline unsigned long long fl_xgetbv(void) { return _xgetbv(0); }
 #else
 #include <cpuid.h>
-static void fl_cpuid(int leaf, int subleaf, unsigned int r[4]) {
+static inline void fl_cpuid(int leaf, int subleaf, unsigned int r[4]) {
     __cpuid_count(leaf, subleaf, r[0], r[1], r[2], r[3]);
 }
-static unsigned long long fl_xgetbv(void) {
+static inline unsigned long long fl_xgetbv(void) {
     unsigned int lo, hi;
     __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
     return ((unsigned long long)hi << 32) | lo;
@@ -37,7 +37,7 @@ static unsigned long long fl_xgetbv(void) {
 #endif
 #endif
 
-static int fl_simd_level(void) {
+static inline int fl_simd_level(void) {
 #ifdef FL_X86_64
     unsigned int r[4];
     unsigned long long xcr0;
@@ -74,6 +74,19 @@ static int fl_simd_level(void) {
             return 2;                   /* opmask, ZMM_Hi256, Hi16_ZMM */
         }
     }
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* The level that the including file is being compiled for, from the
+ * compiler's own macros. */
+static inline int fl_compiled_level(void) {
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+    return 2;
+#elif defined(__AVX2__)
     return 1;
 #else
     return 0;
