@@ -436,6 +436,26 @@ def test_bce_contiguous_and_strided_sums_agree(rng, dtype, n):
         assert strided_grad.tobytes() == grad.tobytes(), reduction
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("soft", [False, True])
+def test_float32_large_input_accuracy(rng, name, soft):
+    # float32 inputs run in float32 end to end, and each block sums its
+    # losses in float32 lanes before widening them to double. The mean and
+    # the sum of 1e7 elements must still match a float64 reference.
+    n = 10**7
+    x = (4.0 * rng.standard_normal(n)).astype(np.float32)
+    y = rng.random(n, dtype=np.float32)
+    if not soft:
+        y = (y < 0.4).astype(np.float32)
+    reference = (bce_reference if name == "bce" else focal_reference)(x, y)
+    for reduction in ["mean", "sum"]:
+        loss = LOSSES[name](x, y, reduction=reduction)
+        assert loss.dtype == np.float32
+        np.testing.assert_allclose(
+            loss, reduce(reference, reduction), **TOL[np.float32], err_msg=reduction
+        )
+
+
 def test_broadcast_weight_is_a_zero_stride_view():
     w = sigmoid_module._broadcast_weight(np.ones(7), "weight", (1000, 7), np.dtype("f8"))
     assert w.strides == (0, 8)

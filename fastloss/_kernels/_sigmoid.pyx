@@ -1,16 +1,19 @@
 # Sigmoid losses: binary cross-entropy with logits and the sigmoid focal loss.
 #
 # Layers:
-#   1. Scalar functions (``bce_point``, ``focal_point``) return one
-#      element's loss in double and store its derivative with respect to
-#      the logit. ``bce_point`` is branch-free, on the exp and log1p of
-#      fastmath.h.
-#   2. Block functions (``bce_block``, ``focal_block``) walk one BLOCK_SIZE
-#      block of the flat iteration space of 3-D views, write the
-#      per-element loss and gradient where asked, and return the block's sum.
-#      ``bce_contig_block`` does the same for C-contiguous data without
-#      weights, in loops that vectorize, and adds in the same order, so both
-#      give the same bits.
+#   1. Scalar functions return one element's loss and store its derivative
+#      with respect to the logit. ``bce_plain`` (no weights) works in the
+#      precision of the input, float32 included, on the branch-free exp and
+#      log1p of fastmath.h. ``bce_point`` (with pos_weight) returns the loss
+#      in double, and ``focal_point`` does so too.
+#   2. Block functions walk one BLOCK_SIZE block, write the per-element loss
+#      and gradient where asked, and return the block's sum.
+#      ``bce_contig_block`` (C-contiguous, no weights) runs in loops that
+#      vectorize, and ``bce_strided_block`` computes the same elements on
+#      views of any layout. Both add element start + k into lane k % LANES
+#      of the input precision and widen the lanes to double once per block,
+#      so both give the same bits. ``bce_weighted_block`` and ``focal_block``
+#      walk 3-D views in double.
 #   3. The ``def`` kernels run the blocks under ``prange`` and combine the
 #      block sums with ``sum_partials``, so the total is bit-identical for
 #      every thread count.
@@ -18,8 +21,8 @@
 # The Python wrapper has already cast every array to one float dtype, checked
 # the shapes, broadcast ``weight`` and ``pos_weight`` to zero-stride views,
 # and turned all arrays into 3-D views (``as_3d_views``) that visit the
-# elements in the same order. ``grad_scale`` carries the ``mean`` scaling (1/n) into the gradient,
-# and the wrapper divides the returned sum itself.
+# elements in the same order. ``grad_scale`` carries the ``mean`` scaling
+# (1/n) into the gradient, and the wrapper divides the returned sum itself.
 
 from cython.parallel cimport prange
 
@@ -33,10 +36,14 @@ cdef extern from "<math.h>" nogil:
     float fabsf(float x)
 
 cdef enum:
-    # Double accumulators per BCE block: element start + k goes to lane
-    # k % LANES, so the strided and the contiguous loops add in the same
-    # order. A constant trip count of LANES lets gcc vectorize the
-    # contiguous loop over whole groups.
+    # Accumulators per block: element start + k goes to lane k % LANES, so
+    # the strided and the contiguous loops add in the same order. A constant
+    # trip count of LANES lets gcc vectorize the contiguous loop over whole
+    # groups. A float32 lane adds BLOCK_SIZE / LANES = 64 losses, which
+    # bounds its relative rounding error by 64 * 2**-24 (4e-6) for
+    # nonnegative losses, before the lanes are widened to double.
+    # NOTE: float32 losses that add up past 3.4e38 within one lane make it
+    # inf, even where the mean of the double sum would be finite.
     LANES = 64
 
 
@@ -116,6 +123,39 @@ cdef inline double bce_point(floating z, double y, double pos_weight,
     return bce_from_exp(z, exp_abs(z), y, pos_weight, dz)
 
 
+cdef inline floating bce_plain(floating z, floating e, floating y,
+                               floating* dz) noexcept nogil:
+    # The loss and derivative of bce_from_exp with pos_weight 1, all in the
+    # precision of z, given e = exp(-|z|). With tail = log1p(e), softplus(z)
+    # = max(z, 0) + tail and softplus(-z) = softplus(z) - z, so
+    #   loss = (1 - y) * softplus(z) + y * softplus(-z) = slope * z + tail,
+    # where slope is 1 - y for z >= 0 and -y for z < 0. For y in [0, 1] both
+    # terms are nonnegative, so the sum loses nothing to cancellation, and
+    # slope * z is the only product: where it overflows, the loss itself
+    # exceeds the float range (tail is at most log 2). A zero slope at an
+    # infinite z gives 0, the limit, not 0 * inf. The added y - y is 0 for a
+    # finite y and NaN for an infinite one, where the two-term form (and
+    # PyTorch) meet inf - inf.
+    # Typed constants: a bare 1 is a double literal in the generated C,
+    # which would take the float32 arithmetic to double.
+    cdef floating zero = 0, one = 1
+    cdef floating tail, near, far, p, q, slope, a
+    if floating is float:
+        tail = fl_log1pf(e)
+    else:
+        tail = fl_log1p(e)
+    near = one / (one + e)
+    far = e * near
+    cdef bint positive = z >= zero
+    p = near if positive else far
+    q = far if positive else near
+    a = one - y
+    slope = a if positive else -y
+
+    dz[0] = a * p - y * q
+    return ((slope * z if slope != zero else zero) + tail) + (y - y)
+
+
 cdef inline double focal_point(double z, double y, double alpha, double gamma,
                                double* dz) noexcept nogil:
     # torchvision.ops.sigmoid_focal_loss: ce * (1 - p_t)**gamma, times
@@ -150,7 +190,7 @@ cdef inline double focal_point(double z, double y, double alpha, double gamma,
     return ce * focal
 
 
-cdef double bce_block(
+cdef double bce_weighted_block(
     const floating[:, :, :] logits,
     const floating[:, :, :] target,
     const floating[:, :, :] weight,
@@ -165,6 +205,7 @@ cdef double bce_block(
     Py_ssize_t start,
     Py_ssize_t stop,
 ) noexcept nogil:
+    # One block of BCE with weight or pos_weight, per element in double.
     cdef Py_ssize_t n1 = logits.shape[1]
     cdef Py_ssize_t n2 = logits.shape[2]
     cdef Py_ssize_t i0 = start // (n1 * n2)
@@ -199,6 +240,61 @@ cdef double bce_block(
     return sum_partials(lanes, LANES)
 
 
+cdef inline double sum_lanes(const floating* lanes) noexcept nogil:
+    # The LANES accumulators of a block, widened to double and added in
+    # sum_partials' fixed order.
+    cdef double wide[LANES]
+    cdef int j
+
+    for j in range(LANES):
+        wide[j] = lanes[j]
+    return sum_partials(wide, LANES)
+
+
+cdef double bce_strided_block(
+    const floating[:, :, :] logits,
+    const floating[:, :, :] target,
+    floating[:, :, :] loss_out,
+    bint write_loss,
+    floating[:, :, :] grad,
+    bint write_grad,
+    double grad_scale,
+    Py_ssize_t start,
+    Py_ssize_t stop,
+) noexcept nogil:
+    # One block of BCE without weights on views of any layout: bce_plain
+    # per element, and element start + k added to lane k % LANES, as
+    # bce_contig_block does.
+    cdef Py_ssize_t n1 = logits.shape[1]
+    cdef Py_ssize_t n2 = logits.shape[2]
+    cdef Py_ssize_t i0 = start // (n1 * n2)
+    cdef Py_ssize_t i1 = (start - i0 * n1 * n2) // n2
+    cdef Py_ssize_t i2 = start - (i0 * n1 + i1) * n2
+    cdef Py_ssize_t k
+    cdef floating lanes[LANES]
+    cdef floating scale = <floating>grad_scale
+    cdef floating z, loss, dz
+
+    for k in range(LANES):
+        lanes[k] = 0
+    for k in range(start, stop):
+        z = logits[i0, i1, i2]
+        loss = bce_plain(z, exp_abs(z), target[i0, i1, i2], &dz)
+        lanes[(k - start) % LANES] += loss
+        if write_loss:
+            loss_out[i0, i1, i2] = loss
+        if write_grad:
+            grad[i0, i1, i2] = scale * dz
+        i2 += 1
+        if i2 == n2:
+            i2 = 0
+            i1 += 1
+            if i1 == n1:
+                i1 = 0
+                i0 += 1
+    return sum_lanes(lanes)
+
+
 cdef double bce_contig_block(
     const floating* logits,
     const floating* target,
@@ -208,22 +304,23 @@ cdef double bce_contig_block(
     Py_ssize_t start,
     Py_ssize_t stop,
 ) noexcept nogil:
-    # bce_block for C-contiguous data without weights: the same elements in
-    # the same lanes, so the same bits, from loops that vectorize. loss_out
-    # and grad may be NULL.
+    # bce_strided_block for C-contiguous data: the same elements in the
+    # same lanes, so the same bits, from loops that vectorize. loss_out and
+    # grad may be NULL.
     cdef const floating* x = logits + start
     cdef const floating* y = target + start
     cdef const floating* x_full_stop = x + ((stop - start) & ~(<Py_ssize_t>(LANES - 1)))
     cdef floating* g = grad + start if grad != NULL else NULL
     cdef floating* o = loss_out + start if loss_out != NULL else NULL
-    cdef double lanes[LANES]
+    cdef floating lanes[LANES]
     cdef floating e[LANES]
-    cdef double loss, dz
+    cdef floating scale = <floating>grad_scale
+    cdef floating loss, dz
     cdef Py_ssize_t k, n_tail
     cdef int j
 
     for j in range(LANES):
-        lanes[j] = 0.0
+        lanes[j] = 0
     # gcc 12.2 does not vectorize a loop in which fl_exp feeds fl_log1p, so
     # each group takes its exps in a loop of its own. Each variant writes
     # only the outputs it has, which keeps NULL tests out of the loops.
@@ -232,8 +329,8 @@ cdef double bce_contig_block(
             for j in range(LANES):
                 e[j] = exp_abs(x[j])
             for j in range(LANES):
-                lanes[j] += bce_from_exp(x[j], e[j], y[j], 1.0, &dz)
-                g[j] = <floating>(grad_scale * dz)
+                lanes[j] += bce_plain(x[j], e[j], y[j], &dz)
+                g[j] = scale * dz
             x += LANES
             y += LANES
             g += LANES
@@ -242,7 +339,7 @@ cdef double bce_contig_block(
             for j in range(LANES):
                 e[j] = exp_abs(x[j])
             for j in range(LANES):
-                lanes[j] += bce_from_exp(x[j], e[j], y[j], 1.0, &dz)
+                lanes[j] += bce_plain(x[j], e[j], y[j], &dz)
             x += LANES
             y += LANES
     elif g == NULL:
@@ -250,9 +347,9 @@ cdef double bce_contig_block(
             for j in range(LANES):
                 e[j] = exp_abs(x[j])
             for j in range(LANES):
-                loss = bce_from_exp(x[j], e[j], y[j], 1.0, &dz)
+                loss = bce_plain(x[j], e[j], y[j], &dz)
                 lanes[j] += loss
-                o[j] = <floating>loss
+                o[j] = loss
             x += LANES
             y += LANES
             o += LANES
@@ -261,23 +358,23 @@ cdef double bce_contig_block(
             for j in range(LANES):
                 e[j] = exp_abs(x[j])
             for j in range(LANES):
-                loss = bce_from_exp(x[j], e[j], y[j], 1.0, &dz)
+                loss = bce_plain(x[j], e[j], y[j], &dz)
                 lanes[j] += loss
-                o[j] = <floating>loss
-                g[j] = <floating>(grad_scale * dz)
+                o[j] = loss
+                g[j] = scale * dz
             x += LANES
             y += LANES
             o += LANES
             g += LANES
     n_tail = (logits + stop) - x
     for k in range(n_tail):
-        loss = bce_point(x[k], y[k], 1.0, &dz)
+        loss = bce_plain(x[k], exp_abs(x[k]), y[k], &dz)
         lanes[k] += loss
         if o != NULL:
-            o[k] = <floating>loss
+            o[k] = loss
         if g != NULL:
-            g[k] = <floating>(grad_scale * dz)
-    return sum_partials(lanes, LANES)
+            g[k] = scale * dz
+    return sum_lanes(lanes)
 
 
 cdef double focal_block(
@@ -373,12 +470,18 @@ def bce_with_logits(
                 partials[b] = bce_contig_block(
                     x, y, o, g, grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
                 )
-        else:
+        elif has_weight or has_pos_weight:
             for b in prange(nb, schedule="static", num_threads=nt):
-                partials[b] = bce_block(
+                partials[b] = bce_weighted_block(
                     logits, target, weight, pos_weight, has_weight, has_pos_weight,
                     loss_out, write_loss, grad, write_grad, grad_scale,
                     b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                )
+        else:
+            for b in prange(nb, schedule="static", num_threads=nt):
+                partials[b] = bce_strided_block(
+                    logits, target, loss_out, write_loss, grad, write_grad,
+                    grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
                 )
         total = sum_partials(partials, nb)
     free(partials)
