@@ -166,11 +166,14 @@ def torchvision_focal(x, y, alpha, gamma, reduction):
 
 @needs_torch
 @pytest.mark.parametrize("alpha", [0.25, -1])
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_focal_matches_torch(rng, alpha, gamma, reduction, dtype):
-    x, y = make_data(rng, soft=True)
+@pytest.mark.parametrize("shape", [(4, 3, 5), (3, 70, 67)])
+def test_focal_matches_torch(rng, alpha, gamma, reduction, dtype, shape):
+    # (3, 70, 67) spans several blocks of whole vectorized groups, and
+    # (4, 3, 5) is shorter than one group.
+    x, y = make_data(rng, shape=shape, soft=True)
     x, y = x.astype(dtype), y.astype(dtype)
     loss, grad = fl.sigmoid_focal_loss(
         x, y, alpha=alpha, gamma=gamma, reduction=reduction, return_grad=True
@@ -434,6 +437,56 @@ def test_bce_contiguous_and_strided_sums_agree(rng, dtype, n):
         )
         assert strided_loss.tobytes() == loss.tobytes(), reduction
         assert strided_grad.tobytes() == grad.tobytes(), reduction
+
+
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("soft", [False, True])
+def test_float32_large_input_accuracy(rng, name, soft):
+    # float32 inputs run in float32 end to end, and each block sums its
+    # losses in float32 lanes before widening them to double. The mean and
+    # the sum of 1e7 elements must still match a float64 reference.
+    n = 10**7
+    x = (4.0 * rng.standard_normal(n)).astype(np.float32)
+    y = rng.random(n, dtype=np.float32)
+    if not soft:
+        y = (y < 0.4).astype(np.float32)
+    reference = (bce_reference if name == "bce" else focal_reference)(x, y)
+    for reduction in ["mean", "sum"]:
+        loss = LOSSES[name](x, y, reduction=reduction)
+        assert loss.dtype == np.float32
+        np.testing.assert_allclose(
+            loss, reduce(reference, reduction), **TOL[np.float32], err_msg=reduction
+        )
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 63, 64, 4096 * 3 + 77])
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, 3.5])
+@pytest.mark.parametrize("alpha", [0.25, -1])
+def test_focal_contiguous_and_strided_agree(rng, dtype, n, gamma, alpha):
+    # The contiguous loops (one per way of forming m**gamma) and the strided
+    # loop add the same elements into the same lanes.
+    x = (rng.standard_normal(n) * 8).astype(dtype)
+    y = rng.random(n).astype(dtype)
+    x[::7] = np.inf
+    x[3::7] = -np.inf
+    x[5::7] = 40.0
+    spaced_x = np.repeat(x, 2)[::2]
+    spaced_y = np.repeat(y, 2)[::2]
+    kwargs = dict(alpha=alpha, gamma=gamma, return_grad=True)
+    for reduction in ["mean", "sum", "none"]:
+        loss, grad = fl.sigmoid_focal_loss(x, y, reduction=reduction, **kwargs)
+        strided_loss, strided_grad = fl.sigmoid_focal_loss(
+            spaced_x, spaced_y, reduction=reduction, **kwargs
+        )
+        assert strided_loss.tobytes() == loss.tobytes(), reduction
+        assert strided_grad.tobytes() == grad.tobytes(), reduction
+    finite = np.isfinite(x)
+    loss = fl.sigmoid_focal_loss(x[finite], y[finite], alpha=alpha, gamma=gamma,
+                                 reduction="none")
+    np.testing.assert_allclose(
+        loss, focal_reference(x[finite], y[finite], alpha, gamma), **TOL[dtype]
+    )
 
 
 def test_broadcast_weight_is_a_zero_stride_view():

@@ -24,7 +24,8 @@
 # tile spans many positions.
 
 from cython.parallel cimport prange, threadid
-from libc.math cimport exp, log, log1p, fabs, INFINITY
+from libc.math cimport log, fabs, INFINITY
+from ._fastmath cimport fl_exp, fl_log1p
 from libc.stdint cimport int64_t
 
 from ._common cimport floating, BLOCK_SIZE, threads_for, sum_partials
@@ -127,6 +128,25 @@ cdef inline bint is_finite(double v) noexcept nogil:
     return v - v == 0.0
 
 
+cdef inline void _add_exps(const floating* x, Py_ssize_t n, const double* m,
+                           double* s, double* s2) noexcept nogil:
+    # Add exp(x[i] - m[i]) to s[i] and its square to s2[i] for i < n, with
+    # fastmath.h's exp, which is within 1 ulp of libm's in double. Indexing
+    # from moving pointers keeps the loop free of signed index arithmetic,
+    # which Python's -fwrapv would make the vectorizer check.
+    cdef const floating* stop = x + n
+    cdef double e
+
+    while x < stop:
+        e = fl_exp(x[0] - m[0])
+        s[0] += e
+        s2[0] += e * e
+        x += 1
+        m += 1
+        s += 1
+        s2 += 1
+
+
 cdef void _softmax_tile(
     const floating[:, :, :] logits,
     int mode,
@@ -177,6 +197,7 @@ cdef void _softmax_tile(
     cdef double loss = 0.0, wsum = 0.0, grad_sq = 0.0
     cdef int64_t n_nan = 0, n_posinf = 0, n_neginf = 0, n_finite = 0
     cdef int64_t n_t_nonfinite = 0, n_t_out = 0
+    cdef bint unit_stride = logits.strides[2] == sizeof(floating)
 
     for i in range(n):
         m[i] = -INFINITY
@@ -263,17 +284,21 @@ cdef void _softmax_tile(
                             masked[i] = 1.0
                     elif bad[i] == 0.0:
                         wyx[i] += wy * v
-                        wye[i] += wy * exp(v - m[i])
+                        wye[i] += wy * fl_exp(v - m[i])
                 if bad[i] == 0.0:
-                    e = exp(v - m[i])
+                    e = fl_exp(v - m[i])
                     s[i] += e
                     s2[i] += e * e
-    else:
+    elif unit_stride:
         # No branch: at a bad position the sums turn NaN or inf, and phase 3
-        # skips that position.
+        # skips that position. The positions of one class are contiguous
+        # here, so the loop runs from a pointer and vectorizes.
+        for c in range(n_classes):
+            _add_exps(&logits[o, c, i0], n, m, s, s2)
+    else:
         for c in range(n_classes):
             for i in range(n):
-                e = exp(logits[o, c, i0 + i] - m[i])
+                e = fl_exp(logits[o, c, i0 + i] - m[i])
                 s[i] += e
                 s2[i] += e * e
 
@@ -323,7 +348,7 @@ cdef void _softmax_tile(
             wt = weight[ti]
             loss += wt * (lse - vt)
             wsum += wt
-            pt = exp(vt - m[i]) / s[i]
+            pt = fl_exp(vt - m[i]) / s[i]
             # |p - onehot|^2 = sum p^2 - 2 p_t + 1, clamped at 0 against
             # rounding when p is one-hot.
             g2 = sp2 - 2.0 * pt + 1.0
@@ -509,11 +534,11 @@ cdef void _sigmoid_block(
             continue
         # Stable softplus form: max(x, 0) - x*y + log1p(exp(-|x|)).
         a = fabs(v)
-        loss += (v if v > 0.0 else 0.0) - v * y + log1p(exp(-a))
+        loss += (v if v > 0.0 else 0.0) - v * y + fl_log1p(fl_exp(-a))
         if v >= 0.0:
-            p = 1.0 / (1.0 + exp(-v))
+            p = 1.0 / (1.0 + fl_exp(-v))
         else:
-            p = exp(v)
+            p = fl_exp(v)
             p = p / (1.0 + p)
         g = p - y
         grad_sq += g * g
