@@ -83,6 +83,11 @@ def binary_cross_entropy_with_logits(
     (a logit of ``+inf`` with target 1 costs 0), where PyTorch returns NaN
     (both checked with PyTorch 2.13).
     """
+    if weight is None and pos_weight is None and grad_out is None and _is_plain_pair(
+        logits, target, reduction
+    ):
+        return _bce_plain(logits, target, reduction, return_grad, n_threads)
+
     logits = v.as_float_array(logits, "logits")
     dtype = logits.dtype
     target = v.as_float_array(target, "target", dtype)
@@ -191,6 +196,60 @@ def sigmoid_focal_loss(
         )
 
     return _run(call, [logits, target], logits, reduction, return_grad, grad_out)
+
+
+def _is_plain_pair(logits, target, reduction):
+    """Return True when ``_bce_plain`` may take these arguments.
+
+    That needs two ndarrays (not subclasses) of one shape and one native
+    float32 or float64 dtype, both C-contiguous, and a ``reduction`` that
+    is a valid plain str. Any other input takes the general path, which
+    also raises the errors.
+    """
+    return (
+        type(logits) is np.ndarray
+        and type(target) is np.ndarray
+        and type(reduction) is str
+        and reduction in v.REDUCTIONS
+        and logits.dtype in _PLACEHOLDERS
+        and target.dtype == logits.dtype
+        and logits.shape == target.shape
+        and logits.flags.c_contiguous
+        and target.flags.c_contiguous
+    )
+
+
+def _bce_plain(logits, target, reduction, return_grad, n_threads):
+    """Compute the unweighted BCE of a pair that ``_is_plain_pair`` accepts.
+
+    This is the general path of ``_run`` without its conversions: the
+    inputs are read as the ``(1, 1, n)`` views that ``as_3d_views`` would
+    make of them.
+    """
+    nt = v.resolve_n_threads(n_threads)
+    dtype = logits.dtype
+    n = logits.size
+    placeholder = _PLACEHOLDERS[dtype]
+    write_loss = reduction == "none"
+    loss_out = np.empty_like(logits) if write_loss else None
+    grad = np.empty_like(logits) if return_grad else None
+    grad_scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
+    total = _sigmoid.bce_with_logits(
+        logits.reshape(1, 1, n), target.reshape(1, 1, n), placeholder, placeholder,
+        False, False,
+        loss_out.reshape(1, 1, n) if write_loss else placeholder, write_loss,
+        grad.reshape(1, 1, n) if return_grad else placeholder, return_grad,
+        grad_scale, nt,
+    )
+    if write_loss:
+        loss = loss_out
+    elif reduction == "sum":
+        loss = v.to_scalar(total, dtype)
+    else:
+        loss = v.to_scalar(total / n, dtype) if n > 0 else dtype.type(np.nan)
+    if return_grad:
+        return loss, grad
+    return loss
 
 
 def _broadcast_weight(weight, name, shape, dtype):

@@ -702,3 +702,46 @@ def test_concurrent_calls_bit_identical(rng):
     for loss, grad in results:
         assert loss.tobytes() == expected_loss.tobytes()
         assert grad.tobytes() == expected_grad.tobytes()
+
+
+class _ArraySubclass(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_bce_plain_path_matches_general(rng, dtype, reduction):
+    # Plain C-contiguous pairs skip the general conversions. Each other
+    # layout below takes the general path and must give the same bits.
+    logits = rng.standard_normal((6, 7)).astype(dtype)
+    target = (rng.random((6, 7)) > 0.5).astype(dtype)
+    assert sigmoid_module._is_plain_pair(logits, target, reduction)
+    expected_loss, expected_grad = fl.binary_cross_entropy_with_logits(
+        logits, target, reduction=reduction, return_grad=True)
+    variants = {
+        "fortran": (np.asfortranarray(logits), target),
+        "swapped": (logits.astype(logits.dtype.newbyteorder(">")), target),
+        "strided-target": (logits, np.repeat(target, 2, axis=1)[:, ::2]),
+        "subclass": (logits.view(_ArraySubclass), target),
+        "other-dtype-target": (logits, target.astype(np.float16)),
+    }
+    for name, (x, y) in variants.items():
+        assert not sigmoid_module._is_plain_pair(x, y, reduction), name
+        loss, grad = fl.binary_cross_entropy_with_logits(
+            x, y, reduction=reduction, return_grad=True)
+        np.testing.assert_array_equal(loss, expected_loss, err_msg=name)
+        np.testing.assert_array_equal(grad, expected_grad, err_msg=name)
+    assert not sigmoid_module._is_plain_pair(logits, target, np.str_(reduction))
+    assert not sigmoid_module._is_plain_pair(logits, target, "avg")
+
+
+def test_bce_plain_path_empty_and_loss_only():
+    empty = np.zeros((0, 3), np.float32)
+    with np.errstate(all="raise"):
+        assert np.isnan(fl.binary_cross_entropy_with_logits(empty, empty))
+        assert fl.binary_cross_entropy_with_logits(empty, empty, reduction="sum") == 0.0
+    x = np.array([0.0, 100.0], np.float32)
+    y = np.array([1.0, 1.0], np.float32)
+    loss = fl.binary_cross_entropy_with_logits(x, y, reduction="sum")
+    assert type(loss) is np.float32
+    np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
