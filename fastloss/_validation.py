@@ -179,8 +179,12 @@ def to_scalar(value, dtype):
     """Return the Python float ``value`` as a NumPy scalar of ``dtype``.
 
     A value beyond float32's range becomes +-inf without NumPy's overflow
-    warning.
+    warning. A NaN becomes the positive quiet NaN, because the sign that a
+    kernel's NaN gets depends on the order of the operands in the machine
+    code, which differs between the SIMD builds and between layouts.
     """
+    if value != value:
+        return dtype.type(math.nan)
     if dtype.type is np.float32 and abs(value) >= _FLOAT32_OVERFLOW:
         value = math.copysign(math.inf, value)
     return dtype.type(value)

@@ -324,9 +324,9 @@ def _overlap_loss(
         shape = (n_samples, n_classes) if per_sample else (n_classes,)
         loss = losses.reshape(shape).astype(dtype)
     elif reduction == "sum":
-        loss = dtype.type(total)
+        loss = v.to_scalar(total, dtype)
     else:
-        loss = dtype.type(total / n_pairs) if n_pairs > 0 else dtype.type(np.nan)
+        loss = v.to_scalar(total / n_pairs, dtype) if n_pairs > 0 else dtype.type(np.nan)
     if return_grad:
         return loss, grad
     return loss

@@ -379,14 +379,64 @@ def test_float32_loss_overflow_is_inf(name, reduction, kwargs):
 
 @pytest.mark.parametrize("name", LOSSES)
 def test_float32_target_cast_overflow_is_inf(name):
-    # 1e300 has no float32 value, so the target becomes inf, with no warning,
-    # and an infinite target gives inf - inf.
+    # 1e300 has no float32 value, so the target becomes inf, with no warning.
+    # BCE is affine in the target, so it goes to -inf for a positive logit;
+    # the focal loss's 1 - p_t meets inf - inf and is NaN, as in torchvision.
     logits = np.ones(3, np.float32)
     target = np.array([1e300, 0.0, 0.0])
     loss = LOSSES[name](logits, target, reduction="none")
     assert loss.dtype == np.float32
-    assert np.isnan(loss[0])
+    if name == "bce":
+        assert loss[0] == -np.inf
+    else:
+        assert np.isnan(loss[0])
     assert np.isfinite(loss[1:]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bce_grad_infinite_target(dtype, weighted):
+    # The derivative sigmoid(x) - y is -inf for every finite x when y = inf,
+    # also where exp(-|x|) underflows to 0 and a product would be inf * 0.
+    logits = np.array([20.0, 80.0, 1e4, -20.0, -1e4], dtype)
+    target = np.full(logits.shape, np.inf, dtype)
+    weight = np.ones(logits.shape, dtype) if weighted else None
+    _, grad = fl.binary_cross_entropy_with_logits(
+        logits, target, weight=weight, reduction="none", return_grad=True)
+    assert np.all(grad == -np.inf)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bce_loss_infinite_target_matches_torch(dtype):
+    # softplus(x) - x * y is affine in y: at y = inf it is -inf for x > 0,
+    # +inf for x < 0 and NaN at x = 0, which is what PyTorch returns.
+    torch = pytest.importorskip("torch")
+    logits = np.array([20.0, -20.0, 0.0, 1e4, -1e4], dtype)
+    target = np.full(logits.shape, np.inf, dtype)
+    loss = fl.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.from_numpy(logits), torch.from_numpy(target), reduction="none").numpy()
+    np.testing.assert_array_equal(loss, expected)
+    np.testing.assert_array_equal(loss, np.array([-np.inf, np.inf, np.nan, -np.inf, np.inf], dtype))
+
+
+@pytest.mark.parametrize("x, y, alpha, gamma", [
+    (-3.0, -0.5, 0.25, 2.0),
+    (3.0, 1.5, -1.0, 1.0),
+    (3.0, 1.5, 0.75, 3.0),
+])
+def test_focal_grad_target_outside_unit(x, y, alpha, gamma):
+    # A target outside [0, 1] can make 1 - p_t negative; the gradient is
+    # still the derivative of the loss that is returned.
+    def loss(value):
+        return float(fl.sigmoid_focal_loss(np.array([value]), np.array([y]),
+                                           alpha=alpha, gamma=gamma, reduction="sum"))
+
+    _, grad = fl.sigmoid_focal_loss(np.array([x]), np.array([y]), alpha=alpha,
+                                    gamma=gamma, reduction="sum", return_grad=True)
+    h = 1e-6
+    numeric = (loss(x + h) - loss(x - h)) / (2 * h)
+    assert grad[0] == pytest.approx(numeric, rel=1e-6)
 
 
 def _layouts(x):

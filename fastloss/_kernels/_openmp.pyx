@@ -15,6 +15,14 @@ cdef extern from *:
     int fastloss_openmp_enabled() noexcept nogil
     int fastloss_max_threads() noexcept nogil
 
+cdef extern from *:
+    """
+    #ifndef FASTLOSS_SIMD_COPIES
+    #define FASTLOSS_SIMD_COPIES 0
+    #endif
+    """
+    int FASTLOSS_SIMD_COPIES
+
 cdef extern from "cpu_features.h" nogil:
     int fl_simd_level()
 
@@ -36,3 +44,8 @@ def cpu_simd_level():
     uses, so the kernels built for it can run here.
     """
     return int(fl_simd_level())
+
+
+def simd_copies_built():
+    """Return True if this build was meant to include the AVX2 and AVX-512 copies."""
+    return bool(FASTLOSS_SIMD_COPIES)

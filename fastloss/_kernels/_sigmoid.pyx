@@ -78,7 +78,7 @@ cdef inline double bce_from_exp(floating z, floating e, double y, double pos_wei
     cdef double a = 1.0 - y
     cdef double b = pos_weight * y
 
-    dz[0] = a * p - b * q
+    dz[0] = (a * p if p != zero else 0.0) - (b * q if q != zero else 0.0)
     # a * softplus with 0 * inf taken as 0, its limit, so an infinite logit
     # on the side that its label does not weigh costs nothing.
     return (0.0 if a == 0.0 else a * sp_pos) + (0.0 if b == 0.0 else b * sp_neg)
@@ -107,9 +107,11 @@ cdef inline floating bce_plain(floating z, floating e, floating y,
     # terms are nonnegative, so the sum loses nothing to cancellation, and
     # slope * z is the only product: where it overflows, the loss itself
     # exceeds the float range (tail is at most log 2). A zero slope at an
-    # infinite z gives 0, the limit, not 0 * inf. The added y - y is 0 for a
-    # finite y and NaN for an infinite one, where the two-term form (and
-    # PyTorch) meet inf - inf.
+    # infinite z gives 0, the limit, not 0 * inf. An infinite y gives the
+    # limit -y * z, as PyTorch's (1 - y) * z - log(sigmoid(z)) does, and NaN
+    # at z = 0. Each product of the derivative is dropped where its sigmoid
+    # factor is 0, so an infinite y keeps the derivative's limit -y where
+    # exp(-|z|) underflows.
     # Typed constants: a bare 1 is a double literal in the generated C,
     # which would take the float32 arithmetic to double.
     cdef floating zero = 0, one = 1
@@ -126,8 +128,8 @@ cdef inline floating bce_plain(floating z, floating e, floating y,
     a = one - y
     slope = a if positive else -y
 
-    dz[0] = a * p - y * q
-    return ((slope * z if slope != zero else zero) + tail) + (y - y)
+    dz[0] = (a * p if p != zero else zero) - (y * q if q != zero else zero)
+    return (slope * z if slope != zero else zero) + tail
 
 
 cdef enum:
@@ -177,10 +179,11 @@ cdef inline floating focal_finish(
     # above, in the precision of z and without branches. ce is bce_plain's
     # loss. The derivative is
     #   (p (1 - y) - q y) m**gamma + gamma ce m**gamma (1 - 2y) r,
-    # with r = p q / m, which lies in [0, 1] because m is a convex
-    # combination of p and q. So m**(gamma - 1) never appears, and the
-    # gradient stays finite for 0 < gamma < 1. m rounds to 0 only where p q
-    # does too, and r is 0 there. The second term is dropped where gamma or
+    # with r = p q / m, which lies in [0, 1] for y in [0, 1] because m is
+    # then a convex combination of p and q. So m**(gamma - 1) never appears,
+    # and the gradient stays finite for 0 < gamma < 1. For y in [0, 1], m
+    # rounds to 0 only where p q does too, and r is taken as 0 there. A
+    # target outside [0, 1] can make m negative, and r keeps its sign. The second term is dropped where gamma or
     # r is 0, which keeps an infinite ce (a logit of -inf on a positive)
     # from making 0 * inf. alpha_t = alpha_pos * y + alpha_neg * (1 - y),
     # or 1 when balance is off.
@@ -198,8 +201,8 @@ cdef inline floating focal_finish(
     slope = a if positive else -y
     ce = ((slope * z if slope != zero else zero) + tail) + (y - y)
 
-    r = (p * q) / (m if m > zero else one)
-    r = r if m > zero else zero
+    r = (p * q) / (m if m != zero else one)
+    r = r if m != zero else zero
     grad = (p * a - q * y) * focal
     extra = gamma * ce * focal * (one - two * y) * r
     grad = grad + (extra if gamma != zero and r != zero else zero)
