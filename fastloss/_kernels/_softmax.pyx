@@ -6,7 +6,8 @@
 #    (``z[c * zc + j]``), in passes that loop over the classes outside and
 #    the positions inside, so that gcc vectorizes every inner loop with
 #    unit stride: the max, ``exp(z - max)`` with the vectorizable
-#    ``fast_exp`` of fastmath.h (stored in the gradient) and its sum in
+#    ``fast_exp_nonpos`` of fastmath.h (stored in the gradient; it flushes
+#    results below the smallest normal number to 0) and its sum in
 #    LANES partial sums, the per-position finish (``_ce_position``, with
 #    ``fl_log1p``, or ``_focal_position``), and the gradient.
 # 2. ``_ce_rows``: the same arithmetic in the same order for positions
@@ -54,7 +55,7 @@ from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
 from ._common cimport BLOCK_SIZE, floating, n_blocks, sum_partials, threads_for
-from ._fastmath cimport fast_exp, fl_log1p
+from ._fastmath cimport fast_exp, fast_exp_nonpos, fl_log1p
 
 cnp.import_array()
 
@@ -461,7 +462,7 @@ cdef Py_ssize_t _ce_tile(
             grow = g + c * gc
             for j in range(count):
                 v = zrow[j]
-                e = fast_exp(v - m[j])
+                e = fast_exp_nonpos(v - m[j])
                 is_max = v == m[j]
                 n_max[j] += is_max
                 grow[j] = 1 if is_max else e
@@ -469,7 +470,7 @@ cdef Py_ssize_t _ce_tile(
         else:
             for j in range(count):
                 v = zrow[j]
-                e = fast_exp(v - m[j])
+                e = fast_exp_nonpos(v - m[j])
                 is_max = v == m[j]
                 n_max[j] += is_max
                 rl[j] += 0 if is_max else e
@@ -621,7 +622,7 @@ cdef Py_ssize_t _ce_rows(
             n_max = 0
             for c in range(n):
                 v = zr[c]
-                e = fast_exp(v - mx)
+                e = fast_exp_nonpos(v - mx)
                 is_max = v == mx
                 n_max += is_max
                 gr[c] = 0 if is_max else e
