@@ -573,7 +573,8 @@ cdef Py_ssize_t _ce_rows(
     place by loops along the classes, which vectorize. The arithmetic and
     its order are those of ``_ce_tile``: the max, ``exp(z - m)`` stored in
     the gradient (in ``scratch`` without one), its sum in LANES lanes, the
-    finish (``_ce_position``) and the gradient, so both give the same bits.
+    finish (``_ce_position`` or ``_focal_position``) and the gradient, so
+    both give the same bits.
     ``w_scaled[c]`` is ``scale * eps / C * w[c]``, read only with label
     smoothing. Returns the flat index of the first bad class index, or -1.
     """
@@ -593,7 +594,6 @@ cdef Py_ssize_t _ce_rows(
     cdef floating acc[LANES]
     cdef double w_y, rest, smooth, loss, coef_d, grad_y_d
     cdef const floating* zr
-    cdef const floating* zk
     cdef floating* gr = scratch
     cdef floating* gk
 
