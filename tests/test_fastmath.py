@@ -112,6 +112,62 @@ def test_exp_contiguous_and_vectorized_lanes_agree(rng):
     np.testing.assert_array_equal(fast_exp(x), alone)
 
 
+def fast_exp_nonpos(x):
+    x = np.ascontiguousarray(x)
+    out = np.empty_like(x)
+    _fastmath.exp_nonpos(x, out)
+    return out
+
+
+# log of the smallest normal number, below which exp_nonpos returns 0.
+MIN_NORMAL_LOG = {np.float32: np.log(2.0**-126), np.float64: np.log(2.0**-1022)}
+
+
+def test_expf_nonpos_within_2_ulp(rng):
+    # Every float32 input from the smallest normal result up to 0.
+    x = np.concatenate([
+        np.linspace(-87.3365, 0.0, 1_000_001, dtype=np.float32),
+        rng.uniform(-87.3365, 0.0, 200_000).astype(np.float32),
+        rng.uniform(-1.0, 0.0, 100_000).astype(np.float32),
+    ])
+    exact = np.exp(x.astype(np.float64))
+    error = ulp_error(fast_exp_nonpos(x), exact, np.float32)
+    assert error.max() <= MAX_ULP
+
+
+@needs_mpmath
+def test_exp_nonpos_within_2_ulp(rng):
+    x = np.concatenate([
+        np.linspace(-708.39, 0.0, 1001),
+        rng.uniform(-708.39, 0.0, 1500),
+        rng.uniform(-1.0, 0.0, 500),
+    ])
+    exact = mp_reference(mpmath.exp, x)
+    error = ulp_error(fast_exp_nonpos(x), exact, np.float64)
+    assert error.max() <= MAX_ULP
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpos_matches_exp_above_cutoff(rng, dtype):
+    # Where the result is normal, both functions round the same product.
+    x = rng.uniform(MIN_NORMAL_LOG[dtype] + 1e-3, 0.0, 100_000).astype(dtype)
+    np.testing.assert_array_equal(fast_exp_nonpos(x), fast_exp(x))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exp_nonpos_edge_values(dtype):
+    info = np.finfo(dtype)
+    cutoff = MIN_NORMAL_LOG[dtype]
+    x = np.array([0.0, -0.0, -np.inf, -1e4, -info.max, -info.tiny, cutoff - 1e-3,
+                  cutoff - 5.0, cutoff + 1e-3], dtype)
+    got = fast_exp_nonpos(x)
+    np.testing.assert_array_equal(got[:7], [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
+    assert got[7] == 0.0
+    assert got[8] >= info.tiny
+    assert np.signbit(got).sum() == 0
+    assert np.isnan(fast_exp_nonpos(np.array([np.nan], dtype)))[0]
+
+
 @needs_mpmath
 def test_log1p_within_2_ulp(rng):
     x = np.concatenate([

@@ -140,6 +140,74 @@ static inline double fl_exp(double x) {
     return (p * s1) * s2;
 }
 
+/* e^x in float for x <= 0, such as a logit minus the max of its softmax.
+   Results below the smallest normal float (x < -87.336544) are flushed to
+   +0. Then 2^k is a single normal factor and no clamp is needed, which in
+   an SSE2 loop takes about a third fewer instructions than fl_expf
+   (counted with callgrind). -inf gives 0 and NaN propagates. Positive x is
+   outside the domain, and wrong above 88.7. */
+static inline float fl_expf_nonpos(float x) {
+    const float shift = 12582912.0f;          /* 1.5 * 2^23 */
+    const float log2e = 1.44269504088896341f;
+    const float ln2_hi = 0.693359375f;
+    const float ln2_lo = -2.12194440e-4f;
+    /* log(2^-126) rounded down. Between the two the result is a subnormal,
+       rounded once. */
+    const float min_normal_log = -87.33654475f;
+
+    float kf = x * log2e + shift;
+    int32_t k = (int32_t)(fl_bits_f(kf) - fl_bits_f(shift));
+    kf -= shift;
+    float r = x - kf * ln2_hi;
+    r = r - kf * ln2_lo;
+
+    float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+
+    /* Below the cut-off k and the bits of 2^k are meaningless. */
+    float result = p * fl_from_bits_f((uint32_t)(k + 127) << 23);
+    return x < min_normal_log ? 0.0f : result;
+}
+
+/* e^x in double for x <= 0: fl_exp's method with fl_expf_nonpos's single
+   factor, flushing results below 2^-1022 (x < -708.39642) to +0. */
+static inline double fl_exp_nonpos(double x) {
+    const double shift = 6755399441055744.0;  /* 1.5 * 2^52 */
+    const double log2e = 1.4426950408889634074;
+    const double ln2_hi = 6.93145751953125e-1;
+    const double ln2_lo = 1.42860682030941723212e-6;
+    const double min_normal_log = -708.3964185322641;  /* log(2^-1022) */
+
+    double kf = x * log2e + shift;
+    int64_t k = (int64_t)(fl_bits_d(kf) - fl_bits_d(shift));
+    kf -= shift;
+    double r = x - kf * ln2_hi;
+    r = r - kf * ln2_lo;
+
+    double q = 1.0 / 6227020800.0;            /* 1 / 13! */
+    q = q * r + 1.0 / 479001600.0;
+    q = q * r + 1.0 / 39916800.0;
+    q = q * r + 1.0 / 3628800.0;
+    q = q * r + 1.0 / 362880.0;
+    q = q * r + 1.0 / 40320.0;
+    q = q * r + 1.0 / 5040.0;
+    q = q * r + 1.0 / 720.0;
+    q = q * r + 1.0 / 120.0;
+    q = q * r + 1.0 / 24.0;
+    q = q * r + 1.0 / 6.0;
+    q = q * r + 0.5;
+    double p = 1.0 + (r + (r * r) * q);
+
+    double result = p * fl_from_bits_d((uint64_t)(k + 1023) << 52);
+    return x < min_normal_log ? 0.0 : result;
+}
+
 /* log(1 + x) in double, for x >= -1. */
 static inline double fl_log1p(double x) {
     const double ln2_hi = 6.93147180369123816490e-01;  /* 32 significant bits */
