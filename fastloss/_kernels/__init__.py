@@ -6,7 +6,8 @@ and, on x86-64, again with AVX2 and with AVX-512 code generation, as
 highest level that both this CPU and the ``FASTLOSS_SIMD`` environment
 variable allow. Every build computes the same bits: the kernels do no
 reassociation and no FMA contraction, so a wider vector changes the speed
-and not the result.
+and not the result. The one exception is the sign of a NaN output, which
+x86 takes from the operand order of each instruction.
 """
 
 import importlib
