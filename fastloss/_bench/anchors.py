@@ -4,8 +4,9 @@ Anchor keys, in report order:
 
 - ``numpy-naive``: loss and gradient written as a tutorial writes them, one
   temporary array per operation.
-- ``numpy-careful``: preallocated buffers reused with ``out=`` and BLAS dot
-  products for the sums.
+- ``numpy-careful``: scratch buffers reused with ``out=`` and BLAS dot
+  products for the sums. On a plain row the gradient array is allocated per
+  call; on a ``grad_out`` row it is one preallocated buffer.
 - ``torch``: PyTorch CPU, ``torch.nn.functional`` forward plus ``backward()``.
 - ``sklearn``: scikit-learn's private ``sklearn._loss`` classes through
   ``loss_gradient(..., n_threads=...)``, where one computes the same loss.

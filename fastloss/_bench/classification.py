@@ -21,7 +21,7 @@ import numpy as np
 import fastloss
 
 from .anchors import jax_value_and_grad
-from .workload import Implementation, Workload, format_count
+from .workload import Implementation, Workload, careful_numpy, format_count
 
 # Logits are standard normal times this scale. For BCE a scale of 2 keeps
 # the naive sigmoid in float32 away from exactly 0 and 1, where its log is
@@ -66,13 +66,14 @@ def _naive_ce(logits, target, axis):
     return loss, grad
 
 
-def _careful_ce(logits, target, axis, grad):
-    # The softmax is built in ``grad`` in place; only per-position arrays,
-    # C times smaller than the logits, are allocated.
+def _careful_ce(logits, target, axis, grad=None):
+    # The softmax is built in ``grad`` in place (allocated here when None);
+    # only per-position arrays, C times smaller than the logits, are
+    # allocated besides.
     positions = target.size
     index = np.expand_dims(target, axis)
     peak = logits.max(axis=axis, keepdims=True)
-    np.subtract(logits, peak, out=grad)
+    grad = np.subtract(logits, peak, out=grad)
     picked = np.take_along_axis(grad, index, axis=axis)
     np.exp(grad, out=grad)
     norm = grad.sum(axis=axis, keepdims=True)
@@ -189,8 +190,7 @@ def cross_entropy_workload(shape, axis, dtype="float32", group="classification",
             )
 
         if "numpy-careful" in anchors:
-            careful = partial(_careful_ce, logits, target, axis, np.empty_like(logits))
-            impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+            impls += careful_numpy(partial(_careful_ce, logits, target, axis), logits)
 
         if "torch" in anchors:
             run, extract = _torch_ce(logits, target, axis)
@@ -252,7 +252,7 @@ def _naive_bce(logits, target):
     return loss, grad
 
 
-def _careful_bce(logits, target, grad, work):
+def _careful_bce(logits, target, work, grad=None):
     # softplus(x) - t*x with softplus(x) = max(x, 0) + log1p(exp(-|x|)), and
     # sigmoid(x) = (tanh(x/2) + 1) / 2: both stable for any |x|.
     n = logits.size
@@ -263,7 +263,7 @@ def _careful_bce(logits, target, grad, work):
     total = work.sum()
     np.maximum(logits, 0, out=work)
     total += work.sum() - np.dot(logits, target)
-    np.multiply(logits, 0.5, out=grad)
+    grad = np.multiply(logits, 0.5, out=grad)
     np.tanh(grad, out=grad)
     np.multiply(grad, 0.5, out=grad)
     np.add(grad, 0.5, out=grad)
@@ -344,10 +344,8 @@ def bce_workload(n, dtype="float32", group="classification", per_call=False):
             )
 
         if "numpy-careful" in anchors:
-            careful = partial(
-                _careful_bce, logits, target, np.empty_like(logits), np.empty_like(logits)
-            )
-            impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+            careful = partial(_careful_bce, logits, target, np.empty_like(logits))
+            impls += careful_numpy(careful, logits)
 
         if "torch" in anchors:
             run, extract = _torch_bce(logits, target)

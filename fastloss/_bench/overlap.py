@@ -16,7 +16,7 @@ import numpy as np
 import fastloss
 
 from .anchors import jax_value_and_grad
-from .workload import Implementation, Workload
+from .workload import Implementation, Workload, careful_numpy
 
 EPS = 1e-7
 
@@ -58,10 +58,10 @@ def _dice_loss_grad(logits, target, eps=EPS):
     return loss, grad
 
 
-def _careful_dice(logits, target, grad, work, eps=EPS):
+def _careful_dice(logits, target, work, grad=None, eps=EPS):
     """Compute the Dice loss and gradient with two logits-sized buffers.
 
-    The softmax is built in ``grad``. The per-class sums over target
+    The softmax is built in ``grad``, allocated here when it is None. The per-class sums over target
     positions come from ``np.bincount``, so no one-hot array is formed.
     """
     n_classes = logits.shape[1]
@@ -69,7 +69,7 @@ def _careful_dice(logits, target, grad, work, eps=EPS):
     index = np.expand_dims(target, 1)
     labels = target.ravel()
 
-    np.subtract(logits, logits.max(axis=1, keepdims=True), out=grad)
+    grad = np.subtract(logits, logits.max(axis=1, keepdims=True), out=grad)
     np.exp(grad, out=grad)
     np.divide(grad, grad.sum(axis=1, keepdims=True), out=grad)
     p_target = np.take_along_axis(grad, index, axis=1)
@@ -183,10 +183,8 @@ def dice_workload(shape, dtype="float32", group="overlap", per_call=False):
             impls.append(Implementation("naive NumPy", "numpy-naive", naive))
 
         if "numpy-careful" in anchors:
-            careful = partial(
-                _careful_dice, logits, target, np.empty_like(logits), np.empty_like(logits)
-            )
-            impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+            careful = partial(_careful_dice, logits, target, np.empty_like(logits))
+            impls += careful_numpy(careful, logits)
 
         if "torch" in anchors:
             run, extract = _torch_dice(logits, target)

@@ -15,7 +15,7 @@ import numpy as np
 import fastloss
 
 from .anchors import jax_value_and_grad, set_threads
-from .workload import Implementation, Workload, format_count
+from .workload import Implementation, Workload, careful_numpy, format_count
 
 HUBER_DELTA = 1.0
 
@@ -56,19 +56,22 @@ def _naive_huber(pred, target, delta=HUBER_DELTA):
     return loss, grad
 
 
-def _careful_mse(pred, target, grad):
+def _careful_mse(pred, target, grad=None):
+    # With grad None the gradient array is allocated per call, as a function
+    # that returns a fresh gradient must; otherwise it is reused.
     n = pred.size
-    np.subtract(pred, target, out=grad)
+    grad = np.subtract(pred, target, out=grad)
     loss = np.dot(grad, grad) / n
     np.multiply(grad, 2.0 / n, out=grad)
     return loss, grad
 
 
-def _careful_huber(pred, target, grad, absolute, clipped, delta=HUBER_DELTA):
+def _careful_huber(pred, target, absolute, clipped, grad=None, delta=HUBER_DELTA):
     # With m = min(|d|, delta) the Huber loss is m * (|d| - m / 2), so the
-    # sum is dot(m, |d|) - dot(m, m) / 2.
+    # sum is dot(m, |d|) - dot(m, m) / 2. The scratch arrays absolute and
+    # clipped are reused; grad is allocated per call when it is None.
     n = pred.size
-    np.subtract(pred, target, out=grad)
+    grad = np.subtract(pred, target, out=grad)
     np.abs(grad, out=absolute)
     np.minimum(absolute, delta, out=clipped)
     loss = (np.dot(clipped, absolute) - 0.5 * np.dot(clipped, clipped)) / n
@@ -186,14 +189,12 @@ def _implementations(loss, pred, target, ctx):
         impls.append(Implementation("naive NumPy", "numpy-naive", partial(naive, pred, target)))
 
     if "numpy-careful" in anchors:
-        buffer = np.empty_like(pred)
         if loss == "mse_loss":
-            careful = partial(_careful_mse, pred, target, buffer)
+            careful = partial(_careful_mse, pred, target)
         else:
-            careful = partial(
-                _careful_huber, pred, target, buffer, np.empty_like(pred), np.empty_like(pred)
-            )
-        impls.append(Implementation("careful NumPy", "numpy-careful", careful))
+            careful = partial(_careful_huber, pred, target, np.empty_like(pred),
+                              np.empty_like(pred))
+        impls += careful_numpy(careful, pred)
 
     if "torch" in anchors:
         run, extract = _torch_impl(loss, pred, target)

@@ -275,7 +275,9 @@ def render_markdown(record, history=""):
         " an in-place scaling of the gradient. Its MSE row uses `HalfSquaredError`,"
         " which is `0.5 * d**2`, and doubles it. PyTorch rows time the forward pass"
         " plus `backward()`, JAX rows a jitted `value_and_grad`, and numba rows a"
-        " fused `parallel=True` kernel.",
+        " fused `parallel=True` kernel that writes into a preallocated gradient."
+        " Careful NumPy allocates its gradient per call on a plain row, as fastloss"
+        " does there, and writes into a preallocated one on a `grad_out` row.",
     ]
 
     workloads = record["workloads"]

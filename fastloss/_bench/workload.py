@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -36,6 +37,10 @@ class Implementation:
     extract: Callable[[object], tuple] = lambda result: result
     threads: object = None
     note: str = ""
+    # The label of the one report row this anchor belongs to, or None for
+    # every row: an anchor that writes into a preallocated buffer is
+    # compared with fastloss's grad_out row only.
+    row: object = None
 
 
 @dataclass
@@ -93,3 +98,17 @@ def check_result(result, reference_loss, reference_grad, dtype):
         f"loss {loss!r} against reference {reference_loss!r}, largest gradient"
         f" error {grad_error:.3g} of the largest gradient",
     )
+
+
+def careful_numpy(run, like):
+    """Return the careful-NumPy implementations for a plain and a grad_out row.
+
+    ``run(grad=None)`` allocates its gradient per call, as fastloss does
+    without ``grad_out``; ``run(grad=buffer)`` writes into one preallocated
+    array of ``like``'s shape, as fastloss does with it.
+    """
+    return [
+        Implementation("careful NumPy", "numpy-careful", run, row=""),
+        Implementation("careful NumPy into a buffer", "numpy-careful",
+                       partial(run, grad=np.empty_like(like)), row="grad_out"),
+    ]
