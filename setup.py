@@ -198,7 +198,9 @@ class BuildExt(build_ext):
         if compiler.compiler_type == "msvc":
             opt_args = ["/O2"]
         elif DEBUG:
-            opt_args = ["-O0", "-g"]
+            # No FMA contraction here either, so that a debug build computes
+            # the same bits as a release build.
+            opt_args = ["-O0", "-g", "-ffp-contract=off"]
         else:
             # -O3 for the vectorizer; no -march, so wheels run on any CPU of
             # their architecture. -fno-math-errno lets exp and log inline.
