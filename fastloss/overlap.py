@@ -32,6 +32,12 @@ _PLACEHOLDERS = {
     np.dtype(np.float64): np.zeros((1, 1, 1), np.float64),
 }
 
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+_I64 = np.dtype(np.int64)
+
+_PARALLEL_MIN_ITEMS = _overlap.PARALLEL_MIN_ITEMS
+
 _INT64_MIN = int(np.iinfo(np.int64).min)
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
@@ -228,6 +234,29 @@ def _overlap_loss(
     ``coefficients`` is ``(a, kI, kP, kY)`` of the shared form
     ``1 - (a*I + smooth) / max(kI*I + kP*P + kY*Y + smooth, eps)``.
     """
+    if (
+        type(mode) is str
+        and mode == "multiclass"
+        and type(logits) is np.ndarray
+        and type(target) is np.ndarray
+        and type(axis) is int
+        and axis == 1
+        and ignore_index is None
+        and type(per_sample) is bool
+        and type(smooth) is float
+        and smooth >= 0.0
+        and type(eps) is float
+        and eps >= 0.0
+        and type(reduction) is str
+        and (reduction == "mean" or reduction == "sum")
+    ):
+        result = _index_loss_contiguous(
+            logits, target, per_sample, reduction, return_grad, grad_out, n_threads,
+            smooth, eps, coefficients,
+        )
+        if result is not None:
+            return result
+
     if not isinstance(mode, str) or mode not in MODES:
         choices = ", ".join(repr(m) for m in MODES)
         raise ValueError(f"mode must be one of {choices}, got {mode!r}")
@@ -301,7 +330,8 @@ def _overlap_loss(
     has_ignore = ignore is not None
 
     if kind == "index":
-        total, bad = _overlap.overlap_index(
+        kernel = _overlap.overlap_index_f32 if dtype == _F32 else _overlap.overlap_index_f64
+        total, bad = kernel(
             logits3, target_view, n_samples, has_ignore,
             ignore if has_ignore else 0, a, k_i, k_p, k_y, smooth, eps, grad_scale,
             losses, kernel_grad, write_grad, nt,
@@ -309,7 +339,8 @@ def _overlap_loss(
         if bad >= 0:
             _raise_bad_index(original_target, bad, n_classes)
     else:
-        total = _overlap.overlap_dense(
+        kernel = _overlap.overlap_dense_f32 if dtype == _F32 else _overlap.overlap_dense_f64
+        total = kernel(
             logits3, target_view, n_samples, kind == "softmax", has_ignore,
             float(ignore) if has_ignore else 0.0, a, k_i, k_p, k_y, smooth, eps,
             grad_scale, losses, kernel_grad, write_grad, nt,
@@ -327,6 +358,80 @@ def _overlap_loss(
         loss = v.to_scalar(total, dtype)
     else:
         loss = v.to_scalar(total / n_pairs, dtype) if n_pairs > 0 else dtype.type(np.nan)
+    if return_grad:
+        return loss, grad
+    return loss
+
+
+def _index_loss_contiguous(
+    logits, target, per_sample, reduction, return_grad, grad_out, n_threads,
+    smooth, eps, coefficients,
+):
+    """Short path of ``_overlap_loss`` for plain C-contiguous class-index data.
+
+    The caller has checked every scalar argument of the short path (plain
+    float ``smooth`` and ``eps``, ``reduction`` "mean" or "sum", no
+    ``ignore_index``). The path needs non-empty C-contiguous float32 or
+    float64 logits with the class axis 1 and a C-contiguous int64 target of
+    their class-index shape. A ``grad_out`` must be C-contiguous and may
+    overlap an input only as its very same view. For any other input this
+    returns None before any work, and the general path handles it and
+    raises the errors in the same order.
+    """
+    dtype = logits.dtype
+    if dtype is _F32:
+        kernel = _overlap.overlap_index_f32
+    elif dtype is _F64:
+        kernel = _overlap.overlap_index_f64
+    else:
+        return None
+    shape = logits.shape
+    if (
+        len(shape) < 2
+        or target.dtype is not _I64
+        or logits.size == 0
+        or not logits.flags.c_contiguous
+        or not target.flags.c_contiguous
+        or target.shape != shape[:1] + shape[2:]
+    ):
+        return None
+    size = logits.size
+    if n_threads is None and size < _PARALLEL_MIN_ITEMS:
+        # The kernel runs on one thread below this size whatever the count.
+        nt = 1
+    else:
+        nt = v.resolve_n_threads(n_threads)
+
+    if grad_out is not None:
+        v.check_grad_out(grad_out, shape, dtype)
+        if not grad_out.flags.c_contiguous or v.grad_out_needs_buffer(
+            grad_out, (logits, target)
+        ):
+            return None
+
+    n_outer, n_classes = shape[0], shape[1]
+    inner = size // (n_outer * n_classes)
+    n_samples = n_outer if per_sample else 1
+    n_pairs = n_samples * n_classes
+    grad_scale = 1.0 / n_pairs if reduction == "mean" else 1.0
+    write_grad = return_grad or grad_out is not None
+    if write_grad:
+        grad = np.empty(shape, dtype) if grad_out is None else grad_out
+        grad_view = grad.reshape(n_outer, n_classes, inner)
+    else:
+        grad = None
+        grad_view = _PLACEHOLDERS[dtype]
+    a, k_i, k_p, k_y = coefficients
+    total, bad = kernel(
+        logits.reshape(n_outer, n_classes, inner), target.reshape(n_outer, inner),
+        n_samples, False, 0, a, k_i, k_p, k_y, smooth, eps, grad_scale, None,
+        grad_view, write_grad, nt,
+    )
+    if bad >= 0:
+        _raise_bad_index(target, bad, n_classes)
+    if reduction == "mean":
+        total = total / n_pairs
+    loss = v.to_scalar(total, dtype)
     if return_grad:
         return loss, grad
     return loss

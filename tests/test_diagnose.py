@@ -714,6 +714,38 @@ class TestStats:
         pred = np.bincount(logits.argmax(1).ravel(), minlength=3) / target.size
         assert s["predicted_class_frequencies"] == pytest.approx(pred.tolist(), abs=0)
 
+    @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+    def test_nonfinite_logit_stats_across_layouts(self, rng, dtype):
+        # Rows of 300 positions span a full 256-position tile and a partial
+        # one. NaN, +inf and -inf logits, and positions whose logits all lie
+        # in [0, 1] or are all non-positive, exercise every flag of the
+        # logit scan, on the contiguous path and on the strided one.
+        logits = rng.normal(size=(2, 4, 3, 100)).astype(dtype)
+        logits[0, :, 0, :40] = rng.random((4, 40))
+        logits[1, :, 1, 50:90] = -rng.random((4, 40))
+        flat = logits.reshape(-1)
+        flat[rng.choice(flat.size, 30, replace=False)] = np.nan
+        flat[rng.choice(flat.size, 20, replace=False)] = np.inf
+        flat[rng.choice(flat.size, 25, replace=False)] = -np.inf
+        logits[1, :, 2, 7] = -np.inf
+        target = rng.integers(0, 4, size=(2, 3, 100))
+        stats = fl.diagnose(logits, target).stats
+        finite = logits[np.isfinite(logits)].astype(np.float64)
+        assert stats["n_nan_logits"] == np.isnan(logits).sum()
+        assert stats["n_posinf_logits"] == np.isposinf(logits).sum()
+        assert stats["n_neginf_logits"] == np.isneginf(logits).sum()
+        assert stats["logits_min"] == finite.min()
+        assert stats["logits_max"] == finite.max()
+        assert stats["logits_mean"] == pytest.approx(finite.mean(), rel=1e-12)
+        assert stats["logits_std"] == pytest.approx(finite.std(), rel=1e-9)
+        bad = (np.isnan(logits) | np.isposinf(logits)).any(axis=1)
+        bad |= np.isneginf(logits).all(axis=1)
+        assert stats["n_nonfinite_positions"] == bad.sum()
+        big = np.zeros((2, 4, 3, 200), dtype=dtype)
+        big[..., ::2] = logits
+        assert fl.diagnose(big[..., ::2], target).stats == stats
+        assert fl.diagnose(np.asfortranarray(logits), target).stats == stats
+
     @pytest.mark.parametrize("kind", ["index", "probability", "sigmoid", "two_d"])
     def test_thread_counts_bit_identical(self, rng, kind):
         # Above the kernels' parallel threshold of 32768 items.

@@ -722,6 +722,55 @@ def test_bad_index_leaves_grad_out_untouched(rng):
     assert np.all(out == 5.0)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+# 2 * 3 * 8 * 8 logits run on one thread; 2 * 3 * 96 * 96 = 55296 are above
+# the parallel threshold of 32768 logits.
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 96, 96)])
+@pytest.mark.parametrize("n_threads", [None, 1, 2])
+def test_contiguous_index_path_matches_general(rng, name, dtype, per_sample,
+                                               reduction, shape, n_threads):
+    # C-contiguous logits with an int64 target take the short path; Fortran
+    # order and an int32 target take the general one. Both give the same bits.
+    logits, target = make_case(rng, "multiclass", shape=shape)
+    logits = logits.astype(dtype)
+    kwargs = dict(per_sample=per_sample, reduction=reduction, return_grad=True,
+                  n_threads=n_threads, **loss_kwargs(name))
+    loss, grad = LOSSES[name](logits, target, **kwargs)
+    for zl, tl in [(np.asfortranarray(logits), target), (logits, target.astype(np.int32))]:
+        expected_loss, expected_grad = LOSSES[name](zl, tl, **kwargs)
+        assert loss.dtype == expected_loss.dtype
+        assert loss.tobytes() == expected_loss.tobytes()
+        assert grad.tobytes() == expected_grad.tobytes()
+    out = np.empty_like(logits)
+    loss_out = LOSSES[name](logits, target, grad_out=out, **dict(kwargs, return_grad=False))
+    assert loss_out.tobytes() == loss.tobytes()
+    assert out.tobytes() == grad.tobytes()
+    np.testing.assert_allclose(
+        loss,
+        numpy_reference(name, logits, target, per_sample=per_sample,
+                        reduction=reduction, **loss_kwargs(name)),
+        rtol=1e-5 if dtype == np.float32 else 1e-12,
+    )
+
+
+def test_contiguous_index_path_errors(rng):
+    logits, target = make_case(rng, "multiclass")
+    with pytest.raises(ValueError, match="n_threads must be None or an int >= 1"):
+        fl.dice_loss(logits, target, n_threads=0, grad_out=np.empty(3))
+    with pytest.raises(ValueError, match=r"grad_out must have shape \(3, 4, 5, 6\)"):
+        fl.dice_loss(logits, target, grad_out=np.empty(3))
+    with pytest.raises(ValueError, match="grad_out must be writeable"):
+        read_only = np.empty_like(logits)
+        read_only.flags.writeable = False
+        fl.dice_loss(logits, target, grad_out=read_only)
+    target[0, 0, 1] = -3
+    with pytest.raises(ValueError, match=r"class index -3 at position \(0, 0, 1\)"):
+        fl.dice_loss(logits, target, return_grad=True)
+
+
 # ------------------------------------------------------------------- errors
 
 

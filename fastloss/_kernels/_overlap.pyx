@@ -36,10 +36,16 @@ from cython.parallel cimport prange, threadid
 
 from libc.math cimport exp, INFINITY, NAN
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, malloc, free
+from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 
-from ._common cimport floating, BLOCK_SIZE, n_blocks, threads_for, sum_partials
+from ._common cimport (
+    floating, BLOCK_SIZE, MIN_PARALLEL_ITEMS, n_blocks, threads_for, sum_partials,
+)
 from ._fastmath cimport fast_exp
+
+# Below this many logits a call runs on one thread whatever n_threads says.
+PARALLEL_MIN_ITEMS = MIN_PARALLEL_ITEMS
 
 cdef enum:
     # Positions per tile of the class-index kernels: a multiple of every
@@ -617,33 +623,27 @@ cdef double finish_losses(
     return sum_partials(losses, n_samples * n_classes)
 
 
-cdef class _Scratch:
-    # Owns the buffers of one kernel call and frees them however it ends.
-    cdef double* acc
-    cdef double* probs
-    cdef double* coef_i
-    cdef double* coef_p
-    cdef char* active
-
-    def __cinit__(self, Py_ssize_t n_acc, Py_ssize_t n_probs, Py_ssize_t n_pairs):
-        self.acc = <double*>calloc(max(n_acc, 1), sizeof(double))
-        self.probs = <double*>malloc(max(n_probs, 1) * sizeof(double))
-        self.coef_i = <double*>malloc(max(n_pairs, 1) * sizeof(double))
-        self.coef_p = <double*>malloc(max(n_pairs, 1) * sizeof(double))
-        self.active = <char*>malloc(max(n_pairs, 1))
-        if (self.acc == NULL or self.probs == NULL or self.coef_i == NULL
-                or self.coef_p == NULL or self.active == NULL):
-            raise MemoryError()
-
-    def __dealloc__(self):
-        free(self.acc)
-        free(self.probs)
-        free(self.coef_i)
-        free(self.coef_p)
-        free(self.active)
+cdef inline Py_ssize_t block_start(Py_ssize_t b, Py_ssize_t blocks_per_sample,
+                                   Py_ssize_t per_sample) noexcept nogil:
+    # Flat position where block b starts. Every block lies inside one sample.
+    cdef Py_ssize_t s = b // blocks_per_sample
+    return s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
 
 
-def overlap_index(
+cdef inline Py_ssize_t block_stop(Py_ssize_t b, Py_ssize_t blocks_per_sample,
+                                  Py_ssize_t per_sample) noexcept nogil:
+    cdef Py_ssize_t s = b // blocks_per_sample
+    return min(block_start(b, blocks_per_sample, per_sample) + BLOCK_SIZE,
+               (s + 1) * per_sample)
+
+
+cdef enum:
+    # Return codes of the kernel drivers besides a flat target position.
+    CALL_OK = -1
+    CALL_NO_MEMORY = -2
+
+
+cdef Py_ssize_t index_call(
     const floating[:, :, :] logits,
     const int64_t[:, :] target,
     Py_ssize_t n_samples,
@@ -656,92 +656,220 @@ def overlap_index(
     double smooth,
     double eps,
     double grad_scale,
-    double[::1] losses,
+    double* losses,
     floating[:, :, :] grad,
     bint write_grad,
     int n_threads,
-):
-    """Compute the overlap loss of softmax probabilities and class indices.
-
-    ``logits`` is ``(outer, C, inner)`` and ``target`` ``(outer, inner)``,
-    and ``outer`` splits into ``n_samples`` equal runs of rows. Fills ``losses``
-    (``n_samples * C``) and, when ``write_grad`` is set, ``grad`` (the scale
-    of the ``mean`` is in ``grad_scale``). Returns ``(sum of losses, -1)``,
-    or ``(nan, q)`` without touching ``grad`` when the class index at flat
-    position ``q`` of the target is out of range.
-    """
+    double* total,
+) noexcept nogil:
+    # Runs the class-index kernel (see overlap_index_f64) and returns
+    # CALL_OK, CALL_NO_MEMORY or the first flat target position whose class
+    # index is out of range. losses may be NULL when only the total is needed.
+    #
+    # One thread runs plain loops, because entering an OpenMP region costs
+    # about a microsecond, as much as the whole work of a small input. Both
+    # paths run the same blocks in the same order of combination.
     cdef Py_ssize_t n_classes = logits.shape[1]
     cdef Py_ssize_t n_positions = logits.shape[0] * logits.shape[2]
     cdef Py_ssize_t per_sample = n_positions // n_samples if n_samples > 0 else 0
     cdef Py_ssize_t blocks_per_sample = n_blocks(per_sample)
     cdef Py_ssize_t total_blocks = n_samples * blocks_per_sample
+    cdef Py_ssize_t n_pairs = n_samples * n_classes
     cdef Py_ssize_t stride = 3 * n_classes
     cdef int nt = threads_for(n_positions * n_classes, n_threads)
     cdef Py_ssize_t work_size = index_work_size(n_classes)
-    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * work_size,
-                                     n_samples * n_classes)
-    cdef Py_ssize_t* bad = <Py_ssize_t*>malloc(max(total_blocks, 1) * sizeof(Py_ssize_t))
-    cdef Py_ssize_t b, s, start, stop, first_bad
-    cdef double total
+    cdef Py_ssize_t b, s, first_bad
+    cdef double* buffer
+    cdef double* acc
+    cdef double* coef_i
+    cdef double* coef_p
+    cdef double* work
+    cdef char* active
+    cdef Py_ssize_t* bad
 
-    if bad == NULL:
+    # One allocation: acc (zeroed), coef_i, coef_p, active, the losses when
+    # the caller passes none, the per-block first bad positions, and the
+    # per-thread work buffers.
+    buffer = <double*>malloc(
+        (total_blocks * (stride + 1) + 4 * n_pairs + nt * work_size + 1)
+        * sizeof(double)
+    )
+    if buffer == NULL:
+        return CALL_NO_MEMORY
+    acc = buffer
+    memset(acc, 0, total_blocks * stride * sizeof(double))
+    coef_i = acc + total_blocks * stride
+    coef_p = coef_i + n_pairs
+    active = <char*>(coef_p + n_pairs)
+    if losses == NULL:
+        losses = coef_p + 2 * n_pairs
+    bad = <Py_ssize_t*>(coef_p + 3 * n_pairs)
+    work = coef_p + 3 * n_pairs + total_blocks
+
+    # The class indices are checked before pass 1, because pass 1 writes the
+    # probabilities into grad, which must stay untouched when an index is
+    # out of range.
+    if nt == 1:
+        for b in range(total_blocks):
+            bad[b] = scan_targets_block(
+                target, n_classes, has_ignore, ignore_index,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+            )
+    else:
+        for b in prange(total_blocks, schedule="static", num_threads=nt):
+            bad[b] = scan_targets_block(
+                target, n_classes, has_ignore, ignore_index,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+            )
+    first_bad = CALL_OK
+    for b in range(total_blocks):
+        if bad[b] >= 0:
+            first_bad = bad[b]
+            break
+    if first_bad >= 0:
+        free(buffer)
+        return first_bad
+
+    # Pass 1: per-block sums, and the probabilities into grad.
+    if nt == 1:
+        for b in range(total_blocks):
+            index_sums_block(
+                logits, target, has_ignore, ignore_index,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+                work, acc + b * stride, grad, write_grad,
+            )
+    else:
+        for b in prange(total_blocks, schedule="static", num_threads=nt):
+            index_sums_block(
+                logits, target, has_ignore, ignore_index,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+                work + threadid() * work_size, acc + b * stride, grad, write_grad,
+            )
+
+    total[0] = 0.0
+    if n_pairs > 0:
+        total[0] = finish_losses(
+            acc, n_samples, n_classes, blocks_per_sample, a, k_i, k_p, k_y,
+            smooth, eps, grad_scale, losses, coef_i, coef_p, active,
+        )
+
+    # Pass 2: the gradient, from the coefficients of each block's sample.
+    if write_grad and nt == 1:
+        for b in range(total_blocks):
+            s = b // blocks_per_sample
+            index_grad_block(
+                target, has_ignore, ignore_index,
+                coef_i + s * n_classes, coef_p + s * n_classes, grad,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample), work,
+            )
+    elif write_grad:
+        for b in prange(total_blocks, schedule="static", num_threads=nt):
+            s = b // blocks_per_sample
+            index_grad_block(
+                target, has_ignore, ignore_index,
+                coef_i + s * n_classes, coef_p + s * n_classes, grad,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+                work + threadid() * work_size,
+            )
+    free(buffer)
+    return CALL_OK
+
+
+cdef object index_result(Py_ssize_t code, double total):
+    if code == CALL_NO_MEMORY:
         raise MemoryError()
-    try:
-        with nogil:
-            # The class indices are checked before pass 1, because pass 1
-            # writes the probabilities into grad, which must stay untouched
-            # when an index is out of range.
-            for b in prange(total_blocks, schedule="static", num_threads=nt):
-                s = b // blocks_per_sample
-                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
-                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-                bad[b] = scan_targets_block(target, n_classes, has_ignore,
-                                            ignore_index, start, stop)
-            first_bad = -1
-            for b in range(total_blocks):
-                if bad[b] >= 0:
-                    first_bad = bad[b]
-                    break
-        if first_bad >= 0:
-            return float("nan"), first_bad
-
-        with nogil:
-            # Pass 1: per-block sums, and the probabilities into grad.
-            for b in prange(total_blocks, schedule="static", num_threads=nt):
-                s = b // blocks_per_sample
-                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
-                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-                index_sums_block(
-                    logits, target, has_ignore, ignore_index, start, stop,
-                    scratch.probs + threadid() * work_size,
-                    scratch.acc + b * stride, grad, write_grad,
-                )
-
-            total = 0.0
-            if n_samples * n_classes > 0:
-                total = finish_losses(
-                    scratch.acc, n_samples, n_classes, blocks_per_sample, a, k_i,
-                    k_p, k_y, smooth, eps, grad_scale, &losses[0], scratch.coef_i,
-                    scratch.coef_p, scratch.active,
-                )
-
-            # Pass 2: the gradient, from the coefficients of each block's sample.
-            if write_grad:
-                for b in prange(total_blocks, schedule="static", num_threads=nt):
-                    s = b // blocks_per_sample
-                    start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
-                    stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-                    index_grad_block(
-                        target, has_ignore, ignore_index,
-                        scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
-                        grad, start, stop, scratch.probs + threadid() * work_size,
-                    )
-    finally:
-        free(bad)
+    if code >= 0:
+        return float("nan"), code
     return total, -1
 
 
-def overlap_dense(
+_INDEX_DOC = """Compute the overlap loss of softmax probabilities and class indices.
+
+    ``logits`` is ``(outer, C, inner)`` and ``target`` ``(outer, inner)``,
+    and ``outer`` splits into ``n_samples`` equal runs of rows. Fills
+    ``losses`` (``n_samples * C``) unless it is None and, when
+    ``write_grad`` is set, ``grad`` (the scale of the ``mean`` is in
+    ``grad_scale``). Returns ``(sum of losses, -1)``, or ``(nan, q)``
+    without touching ``grad`` when the class index at flat position ``q``
+    of the target is out of range.
+    """
+
+
+def overlap_index_f32(
+    const float[:, :, :] logits,
+    const int64_t[:, :] target,
+    Py_ssize_t n_samples,
+    bint has_ignore,
+    int64_t ignore_index,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double[::1] losses,
+    float[:, :, :] grad,
+    bint write_grad,
+    int n_threads,
+):
+    cdef double* losses_ptr = NULL
+    cdef double total = 0.0
+    cdef Py_ssize_t code
+
+    if losses is not None and losses.shape[0] > 0:
+        losses_ptr = &losses[0]
+    with nogil:
+        code = index_call(
+            logits, target, n_samples, has_ignore, ignore_index, a, k_i, k_p, k_y,
+            smooth, eps, grad_scale, losses_ptr, grad, write_grad, n_threads, &total,
+        )
+    return index_result(code, total)
+
+
+def overlap_index_f64(
+    const double[:, :, :] logits,
+    const int64_t[:, :] target,
+    Py_ssize_t n_samples,
+    bint has_ignore,
+    int64_t ignore_index,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double[::1] losses,
+    double[:, :, :] grad,
+    bint write_grad,
+    int n_threads,
+):
+    cdef double* losses_ptr = NULL
+    cdef double total = 0.0
+    cdef Py_ssize_t code
+
+    if losses is not None and losses.shape[0] > 0:
+        losses_ptr = &losses[0]
+    with nogil:
+        code = index_call(
+            logits, target, n_samples, has_ignore, ignore_index, a, k_i, k_p, k_y,
+            smooth, eps, grad_scale, losses_ptr, grad, write_grad, n_threads, &total,
+        )
+    return index_result(code, total)
+
+
+overlap_index_f32.__doc__ = _INDEX_DOC
+overlap_index_f64.__doc__ = _INDEX_DOC
+
+
+cdef Py_ssize_t dense_call(
     const floating[:, :, :] logits,
     const floating[:, :, :] target,
     Py_ssize_t n_samples,
@@ -755,62 +883,181 @@ def overlap_dense(
     double smooth,
     double eps,
     double grad_scale,
-    double[::1] losses,
+    double* losses,
     floating[:, :, :] grad,
     bint write_grad,
     int n_threads,
-):
-    """Compute the overlap loss of probabilities and a target of their shape.
-
-    ``logits`` and ``target`` are both ``(outer, C, inner)``. A target with
-    a zero stride on the class axis serves one-channel binary data. The
-    probabilities are a softmax over the class axis (``use_softmax``) or one
-    sigmoid per element. Fills ``losses`` and, with ``write_grad``, ``grad``,
-    and returns the sum of the losses.
-    """
+    double* total,
+) noexcept nogil:
+    # Runs the dense kernel (see overlap_dense_f64) and returns CALL_OK or
+    # CALL_NO_MEMORY, with one thread in plain loops as index_call does.
     cdef Py_ssize_t n_classes = logits.shape[1]
     cdef Py_ssize_t n_positions = logits.shape[0] * logits.shape[2]
     cdef Py_ssize_t per_sample = n_positions // n_samples if n_samples > 0 else 0
     cdef Py_ssize_t blocks_per_sample = n_blocks(per_sample)
     cdef Py_ssize_t total_blocks = n_samples * blocks_per_sample
+    cdef Py_ssize_t n_pairs = n_samples * n_classes
     cdef Py_ssize_t stride = 3 * n_classes
     cdef int nt = threads_for(n_positions * n_classes, n_threads)
-    cdef _Scratch scratch = _Scratch(total_blocks * stride, nt * n_classes,
-                                     n_samples * n_classes)
-    cdef Py_ssize_t b, s, start, stop
-    cdef double total = 0.0
+    cdef Py_ssize_t b, s
+    cdef double* buffer
+    cdef double* acc
+    cdef double* coef_i
+    cdef double* coef_p
+    cdef double* probs
+    cdef char* active
 
+    total[0] = 0.0
     if n_classes == 0:
         # No class means no element: nothing to sum and no gradient to write.
-        return total
-    with nogil:
-        # Pass 1: per-block sums.
+        return CALL_OK
+    # One allocation: acc (zeroed), coef_i, coef_p, active, the losses when
+    # the caller passes none, and the per-thread probabilities.
+    buffer = <double*>malloc(
+        (total_blocks * stride + 4 * n_pairs + nt * n_classes + 1) * sizeof(double)
+    )
+    if buffer == NULL:
+        return CALL_NO_MEMORY
+    acc = buffer
+    memset(acc, 0, total_blocks * stride * sizeof(double))
+    coef_i = acc + total_blocks * stride
+    coef_p = coef_i + n_pairs
+    active = <char*>(coef_p + n_pairs)
+    if losses == NULL:
+        losses = coef_p + 2 * n_pairs
+    probs = coef_p + 3 * n_pairs
+
+    # Pass 1: per-block sums.
+    if nt == 1:
+        for b in range(total_blocks):
+            dense_sums_block(
+                logits, target, use_softmax, has_ignore, ignore_value,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+                probs, acc + b * stride,
+            )
+    else:
+        for b in prange(total_blocks, schedule="static", num_threads=nt):
+            dense_sums_block(
+                logits, target, use_softmax, has_ignore, ignore_value,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+                probs + threadid() * n_classes, acc + b * stride,
+            )
+
+    if n_pairs > 0:
+        total[0] = finish_losses(
+            acc, n_samples, n_classes, blocks_per_sample, a, k_i, k_p, k_y,
+            smooth, eps, grad_scale, losses, coef_i, coef_p, active,
+        )
+
+    # Pass 2: the gradient, from the coefficients of each block's sample.
+    if write_grad and nt == 1:
+        for b in range(total_blocks):
+            s = b // blocks_per_sample
+            dense_grad_block(
+                logits, target, use_softmax, has_ignore, ignore_value,
+                coef_i + s * n_classes, coef_p + s * n_classes,
+                active + s * n_classes, grad,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample), probs,
+            )
+    elif write_grad:
         for b in prange(total_blocks, schedule="static", num_threads=nt):
             s = b // blocks_per_sample
-            start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
-            stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-            dense_sums_block(
-                logits, target, use_softmax, has_ignore, ignore_value, start, stop,
-                scratch.probs + threadid() * n_classes, scratch.acc + b * stride,
+            dense_grad_block(
+                logits, target, use_softmax, has_ignore, ignore_value,
+                coef_i + s * n_classes, coef_p + s * n_classes,
+                active + s * n_classes, grad,
+                block_start(b, blocks_per_sample, per_sample),
+                block_stop(b, blocks_per_sample, per_sample),
+                probs + threadid() * n_classes,
             )
+    free(buffer)
+    return CALL_OK
 
-        if n_samples * n_classes > 0:
-            total = finish_losses(
-                scratch.acc, n_samples, n_classes, blocks_per_sample, a, k_i, k_p,
-                k_y, smooth, eps, grad_scale, &losses[0], scratch.coef_i,
-                scratch.coef_p, scratch.active,
-            )
 
-        # Pass 2: the gradient, from the coefficients of each block's sample.
-        if write_grad:
-            for b in prange(total_blocks, schedule="static", num_threads=nt):
-                s = b // blocks_per_sample
-                start = s * per_sample + (b - s * blocks_per_sample) * BLOCK_SIZE
-                stop = min(start + BLOCK_SIZE, (s + 1) * per_sample)
-                dense_grad_block(
-                    logits, target, use_softmax, has_ignore, ignore_value,
-                    scratch.coef_i + s * n_classes, scratch.coef_p + s * n_classes,
-                    scratch.active + s * n_classes, grad, start, stop,
-                    scratch.probs + threadid() * n_classes,
-                )
+_DENSE_DOC = """Compute the overlap loss of probabilities and a target of their shape.
+
+    ``logits`` and ``target`` are both ``(outer, C, inner)``. A target with
+    a zero stride on the class axis serves one-channel binary data. The
+    probabilities are a softmax over the class axis (``use_softmax``) or one
+    sigmoid per element. Fills ``losses`` unless it is None and, with
+    ``write_grad``, ``grad``, and returns the sum of the losses.
+    """
+
+
+def overlap_dense_f32(
+    const float[:, :, :] logits,
+    const float[:, :, :] target,
+    Py_ssize_t n_samples,
+    bint use_softmax,
+    bint has_ignore,
+    double ignore_value,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double[::1] losses,
+    float[:, :, :] grad,
+    bint write_grad,
+    int n_threads,
+):
+    cdef double* losses_ptr = NULL
+    cdef double total = 0.0
+    cdef Py_ssize_t code
+
+    if losses is not None and losses.shape[0] > 0:
+        losses_ptr = &losses[0]
+    with nogil:
+        code = dense_call(
+            logits, target, n_samples, use_softmax, has_ignore, ignore_value, a,
+            k_i, k_p, k_y, smooth, eps, grad_scale, losses_ptr, grad, write_grad,
+            n_threads, &total,
+        )
+    if code == CALL_NO_MEMORY:
+        raise MemoryError()
     return total
+
+
+def overlap_dense_f64(
+    const double[:, :, :] logits,
+    const double[:, :, :] target,
+    Py_ssize_t n_samples,
+    bint use_softmax,
+    bint has_ignore,
+    double ignore_value,
+    double a,
+    double k_i,
+    double k_p,
+    double k_y,
+    double smooth,
+    double eps,
+    double grad_scale,
+    double[::1] losses,
+    double[:, :, :] grad,
+    bint write_grad,
+    int n_threads,
+):
+    cdef double* losses_ptr = NULL
+    cdef double total = 0.0
+    cdef Py_ssize_t code
+
+    if losses is not None and losses.shape[0] > 0:
+        losses_ptr = &losses[0]
+    with nogil:
+        code = dense_call(
+            logits, target, n_samples, use_softmax, has_ignore, ignore_value, a,
+            k_i, k_p, k_y, smooth, eps, grad_scale, losses_ptr, grad, write_grad,
+            n_threads, &total,
+        )
+    if code == CALL_NO_MEMORY:
+        raise MemoryError()
+    return total
+
+
+overlap_dense_f32.__doc__ = _DENSE_DOC
+overlap_dense_f64.__doc__ = _DENSE_DOC

@@ -58,7 +58,9 @@ cdef enum:
     S_WTARGET_EXP = 14
     S_WTARGET_SQ = 15
     S_MASKED = 16
-    N_SCRATCH = 17
+    S_LOGIT_SQ = 17
+    S_LOGIT_MIN = 18
+    N_SCRATCH = 19
 
 # Count slots, in the order of COUNT_FIELDS.
 cdef enum:
@@ -147,6 +149,56 @@ cdef inline void _add_exps(const floating* x, Py_ssize_t n, const double* m,
         s2 += 1
 
 
+cdef inline void _scan_logit(double v, double c, double* lane,
+                             int64_t* n_finite, int64_t* n_nan, int64_t* n_posinf,
+                             int64_t* n_neginf) noexcept nogil:
+    # Phase 1 for the logit v of class c at one position, whose slot of
+    # scratch row 0 is lane[0]. Every update is a select, so the loop over
+    # the positions of a class vectorizes. A non-finite logit leaves the max,
+    # the argmax, the min and the moments alone. A NaN or +inf logit marks
+    # the position bad, and a -inf logit masks its class.
+    cdef bint finite = v - v == 0.0
+    cdef double v_max = v if finite else -INFINITY
+    cdef double v_min = v if finite else INFINITY
+    cdef double v_sum = v if finite else 0.0
+    cdef bint up = v_max > lane[S_MAX * TILE]
+
+    lane[S_ARGMAX * TILE] = c if up else lane[S_ARGMAX * TILE]
+    lane[S_MAX * TILE] = v_max if up else lane[S_MAX * TILE]
+    lane[S_LOGIT_MIN * TILE] = (
+        v_min if v_min < lane[S_LOGIT_MIN * TILE] else lane[S_LOGIT_MIN * TILE]
+    )
+    lane[S_LOGIT_SUM * TILE] += v_sum
+    lane[S_LOGIT_SQ * TILE] += v_sum * v_sum
+    # NaN fails both comparisons, and +inf clears the flags only of a
+    # position that is bad anyway, which phase 3 skips.
+    lane[S_IN_01 * TILE] = 0.0 if (v < 0.0) | (v > 1.0) else lane[S_IN_01 * TILE]
+    lane[S_NON_POSITIVE * TILE] = 0.0 if v > 0.0 else lane[S_NON_POSITIVE * TILE]
+    lane[S_BAD * TILE] = lane[S_BAD * TILE] if v < INFINITY else 1.0
+    n_finite[0] += finite
+    n_nan[0] += v != v
+    n_posinf[0] += v == INFINITY
+    n_neginf[0] += v == -INFINITY
+
+
+cdef void _scan_class(const floating* x, Py_ssize_t n, double c, double* lane,
+                      int64_t* counts) noexcept nogil:
+    # Phase 1 for n contiguous logits of class c, indexed from moving
+    # pointers as in _add_exps. counts holds the finite, NaN, +inf and -inf
+    # counts.
+    cdef const floating* stop = x + n
+    cdef int64_t n_finite = 0, n_nan = 0, n_posinf = 0, n_neginf = 0
+
+    while x < stop:
+        _scan_logit(x[0], c, lane, &n_finite, &n_nan, &n_posinf, &n_neginf)
+        x += 1
+        lane += 1
+    counts[0] += n_finite
+    counts[1] += n_nan
+    counts[2] += n_posinf
+    counts[3] += n_neginf
+
+
 cdef void _softmax_tile(
     const floating[:, :, :] logits,
     int mode,
@@ -189,6 +241,9 @@ cdef void _softmax_tile(
     cdef double* wye = scratch + S_WTARGET_EXP * TILE
     cdef double* wyy = scratch + S_WTARGET_SQ * TILE
     cdef double* masked = scratch + S_MASKED * TILE
+    cdef double* xsq_lanes = scratch + S_LOGIT_SQ * TILE
+    cdef double* xmin_lanes = scratch + S_LOGIT_MIN * TILE
+    cdef int64_t logit_counts[4]
     cdef Py_ssize_t c, i, ti, pred
     cdef double v, y, wy, e, lse, wt, vt, pt, g2, sp2
     cdef double xmin = INFINITY, xmax = -INFINITY, xsum = 0.0, xsq = 0.0
@@ -217,37 +272,32 @@ cdef void _softmax_tile(
         wye[i] = 0.0
         wyy[i] = 0.0
         masked[i] = 0.0
+        xsq_lanes[i] = 0.0
+        xmin_lanes[i] = INFINITY
 
-    # Phase 1: running max and argmax, range checks, NaN/inf counts. A -inf
-    # logit masks its class and leaves the max and the moments alone.
+    # Phase 1: running max and argmax, range checks, NaN/inf counts, and
+    # per-position sums, squares and minima of the finite logits, which are
+    # combined over the positions below in a fixed order.
+    logit_counts[0] = 0
+    logit_counts[1] = 0
+    logit_counts[2] = 0
+    logit_counts[3] = 0
     for c in range(n_classes):
-        for i in range(n):
-            v = logits[o, c, i0 + i]
-            if is_finite(v):
-                n_finite += 1
-                if v < xmin:
-                    xmin = v
-                if v > xmax:
-                    xmax = v
-                xsum += v
-                xsq += v * v
-                if v > m[i]:
-                    m[i] = v
-                    arg[i] = c
-                xs[i] += v
-                if v < 0.0 or v > 1.0:
-                    in01[i] = 0.0
-                if v > 0.0:
-                    nonpos[i] = 0.0
-            elif v != v:
-                n_nan += 1
-                bad[i] = 1.0
-            elif v > 0.0:
-                n_posinf += 1
-                bad[i] = 1.0
-            else:
-                n_neginf += 1
-                in01[i] = 0.0
+        if unit_stride:
+            _scan_class(&logits[o, c, i0], n, c, scratch, logit_counts)
+        else:
+            for i in range(n):
+                _scan_logit(logits[o, c, i0 + i], c, scratch + i, &logit_counts[0],
+                            &logit_counts[1], &logit_counts[2], &logit_counts[3])
+    n_finite = logit_counts[0]
+    n_nan = logit_counts[1]
+    n_posinf = logit_counts[2]
+    n_neginf = logit_counts[3]
+    xsum = sum_partials(xs, n)
+    xsq = sum_partials(xsq_lanes, n)
+    for i in range(n):
+        xmin = xmin_lanes[i] if xmin_lanes[i] < xmin else xmin
+        xmax = m[i] if m[i] > xmax else xmax
 
     for i in range(n):
         if m[i] == -INFINITY:
