@@ -15,6 +15,7 @@ import numpy as np
 
 from ._kernels import load as _load_kernels
 from ._validation import (
+    _FLOAT32_OVERFLOW,
     REDUCTIONS,
     as_2d_views,
     as_float_array,
@@ -45,7 +46,6 @@ _F64 = np.dtype(np.float64)
 _PARALLEL_MIN_ITEMS = _kernels.PARALLEL_MIN_ITEMS
 _plain_kind = _kernels.plain_contiguous_kind
 _empty = np.empty
-_float64 = np.float64
 
 
 class _LossKernels:
@@ -261,9 +261,10 @@ def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, grad_out
         total = kernel(pred, target, grad, None, param, 1.0 / n, n_threads) / n
     else:
         total = kernel(pred, target, grad, None, param, 1.0, n_threads)
-    if dtype is _F64 and total == total:
-        # to_scalar's result for a float64 value that is not NaN.
-        loss = _float64(total)
+    if -_FLOAT32_OVERFLOW < total < _FLOAT32_OVERFLOW:
+        # to_scalar's result for a value that is neither NaN nor beyond
+        # float32's range, without its checks.
+        loss = dtype.type(total)
     else:
         loss = to_scalar(total, dtype)
     return (loss, grad) if return_grad else loss

@@ -29,6 +29,7 @@ _BCE = {
 # resolved there.
 _PARALLEL_MIN_ITEMS = _load_kernels("_regression").PARALLEL_MIN_ITEMS
 _empty = np.empty
+_FLOAT32_OVERFLOW = v._FLOAT32_OVERFLOW
 
 
 def binary_cross_entropy_with_logits(
@@ -258,10 +259,16 @@ def _bce_plain(logits, target, reduction, return_grad, n_threads):
     )
     if write_loss:
         loss = loss_out
-    elif reduction == "sum":
-        loss = v.to_scalar(total, dtype)
+    elif n == 0 and reduction == "mean":
+        loss = dtype.type(np.nan)
     else:
-        loss = v.to_scalar(total / n, dtype) if n > 0 else dtype.type(np.nan)
+        value = total / n if reduction == "mean" else total
+        if -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW:
+            # to_scalar's result for a value that is neither NaN nor beyond
+            # float32's range, without its checks.
+            loss = dtype.type(value)
+        else:
+            loss = v.to_scalar(value, dtype)
     if return_grad:
         return loss, grad
     return loss

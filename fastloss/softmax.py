@@ -14,6 +14,7 @@ import numpy as np
 
 from ._kernels import load as _load_kernels
 from ._validation import (
+    _FLOAT32_OVERFLOW,
     REDUCTIONS,
     as_array,
     as_float_array,
@@ -228,8 +229,11 @@ def _cross_entropy_plain(logits, target, ignore, smoothing, axis, reduction,
         return None
 
     n_classes = shape[class_axis]
-    outer = math.prod(shape[:class_axis])
-    inner = math.prod(shape[class_axis + 1 :])
+    if ndim == 2 and class_axis == 1:
+        outer, inner = shape[0], 1
+    else:
+        outer = math.prod(shape[:class_axis])
+        inner = math.prod(shape[class_axis + 1 :])
     xv = logits.reshape(outer, n_classes, inner)
     tv = target.reshape(outer, inner)
     w = _UNIT_WEIGHTS.get((n_classes, dtype))
@@ -258,11 +262,17 @@ def _cross_entropy_plain(logits, target, ignore, smoothing, axis, reduction,
         grad[...] = 0
 
     if reduction == "none":
-        loss = losses
-    elif reduction == "sum":
-        loss = to_scalar(loss_sum, dtype)
+        return (losses, grad) if return_grad else losses
+    if reduction == "sum":
+        value = loss_sum
     else:
-        loss = to_scalar(loss_sum / weight_sum if weight_sum != 0.0 else math.nan, dtype)
+        value = loss_sum / weight_sum if weight_sum != 0.0 else math.nan
+    if -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW:
+        # to_scalar's result for a value that is neither NaN nor beyond
+        # float32's range, without its checks.
+        loss = dtype.type(value)
+    else:
+        loss = to_scalar(value, dtype)
     return (loss, grad) if return_grad else loss
 
 

@@ -1005,3 +1005,11 @@ def test_plain_path_errors():
     loss, grad = fl.cross_entropy(x, np.full(4, -100), return_grad=True)
     assert np.isnan(loss)
     assert not grad.any()
+
+
+def test_plain_path_float32_overflow():
+    # A loss beyond float32's range becomes inf, with no warning.
+    x = np.array([[3e38, -3e38]], np.float32)
+    loss = fl.cross_entropy(x, np.array([1]), reduction="sum")
+    assert loss.dtype == np.float32
+    assert loss == np.inf

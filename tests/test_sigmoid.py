@@ -826,3 +826,11 @@ def test_bce_plain_path_checks_n_threads():
         fl.binary_cross_entropy_with_logits(x, x, n_threads=0)
     with pytest.raises(TypeError, match="n_threads must be None or an int"):
         fl.binary_cross_entropy_with_logits(x, x, n_threads=1.5)
+
+
+def test_bce_plain_path_float32_overflow():
+    # A float32 sum beyond float32's range becomes inf, with no warning.
+    x = np.full(16, 1e38, np.float32)
+    loss = fl.binary_cross_entropy_with_logits(x, np.zeros(16, np.float32), reduction="sum")
+    assert loss.dtype == np.float32
+    assert loss == np.inf
