@@ -252,3 +252,20 @@ def test_idle_wait_sees_busy_thread():
     assert waited >= 0.02
     time.sleep(0.01)
     assert timing.wait_for_idle_threads(cap_s=1.0) < 0.5
+
+
+def test_others_ticks_exclude_own():
+    ticks = [0, 0]
+    # 20 busy ticks of 20 in all, 5 of them this process's own.
+    timing._add_others_ticks(ticks, (10, 100, 2), (30, 120, 7))
+    assert ticks == [15, 20]
+    timing._add_others_ticks(ticks, None, (30, 120, 7))
+    assert ticks == [15, 20]
+
+
+def test_tiny_suite_records_busy_share(tiny_run):
+    record, _, _ = tiny_run
+    for workload in record["workloads"]:
+        for entry in workload["implementations"]:
+            share = entry["others_busy_share"]
+            assert share is None or 0.0 <= share <= 1.0

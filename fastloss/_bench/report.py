@@ -361,6 +361,16 @@ def render_markdown(record, history=""):
                 "",
             ]
             out += _thread_table(w)
+            busy = [e.get("others_busy_share") for e in w["implementations"]]
+            busy = [b for b in busy if b is not None]
+            if busy and max(busy) >= 0.1:
+                out += [
+                    "",
+                    f"Other processes used up to {max(busy):.0%} of all cores during"
+                    " the samples of one implementation, so a thread"
+                    " count above the free cores was time-sliced and its times"
+                    " overstate what a quiet machine gives.",
+                ]
 
     sweep = [w for w in workloads if w["group"] == "threshold" and w["status"] == "ok"]
     if sweep:

@@ -96,8 +96,8 @@ def wait_for_idle_threads(cap_s=IDLE_CAP_S, window_s=IDLE_WINDOW_S):
     """Wait until no other thread of this process runs, for at most ``cap_s``.
 
     A thread runs when its CPU time grows by more than IDLE_RUN_SHARE of a
-    window of ``window_s``. This is how long the OpenMP workers of the last
-    sample kept spinning. Returns the seconds waited; where the thread times
+    window of ``window_s``. The wait thus lasts as long as the OpenMP
+    workers of the last sample keep spinning. Returns the seconds waited; where the thread times
     cannot be read, sleeps ``window_s`` and returns it.
     """
     start = time.perf_counter()
@@ -225,14 +225,18 @@ def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0,
     while after a parallel region, are asleep (``wait_for_idle_threads``),
     so that they hold no core when the next sample needs it. The garbage
     collector is off while sampling. Returns, per callable, the summary of
-    ``summarize`` plus ``calls_per_sample`` and ``idle_wait_s``, the longest
-    wait after one of its samples.
+    ``summarize`` plus ``calls_per_sample``, ``idle_wait_s`` (the longest
+    wait after one of its samples) and ``others_busy_share`` (the share of
+    all cores that other processes used during its samples, from clock
+    ticks (usually 100 a second), or None where /proc/stat cannot be read).
     """
     for func in funcs:
         for _ in range(warmup):
             func()
     numbers = [calls_per_sample(func, min_sample_s) for func in funcs]
     samples = [[] for _ in funcs]
+    # Per callable: clock ticks of other processes and of all cores.
+    ticks = [[0, 0] for _ in funcs]
     waits = [0.0 for _ in funcs]
     gc_was_enabled = gc.isenabled()
     gc.collect()
@@ -242,10 +246,12 @@ def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0,
             for offset in range(len(funcs)):
                 k = (round_index + offset) % len(funcs)
                 func, number = funcs[k], numbers[k]
+                before = _cpu_counters()
                 start = time.perf_counter()
                 for _ in range(number):
                     func()
                 samples[k].append((time.perf_counter() - start) / number)
+                _add_others_ticks(ticks[k], before, _cpu_counters())
                 if pause_s > 0:
                     time.sleep(pause_s)
                 if idle_cap_s > 0:
@@ -254,12 +260,34 @@ def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0,
         if gc_was_enabled:
             gc.enable()
     results = []
-    for number, values, wait in zip(numbers, samples, waits):
+    for number, values, wait, (others, total) in zip(numbers, samples, waits, ticks):
         summary = summarize(values)
         summary["calls_per_sample"] = number
         summary["idle_wait_s"] = wait
+        summary["others_busy_share"] = others / total if total > 0 else None
         results.append(summary)
     return results
+
+
+def _cpu_counters():
+    """Return ``(busy, total, own)`` clock ticks, or None where unreadable."""
+    try:
+        busy, total = _read_cpu_jiffies()
+        return busy, total, _read_own_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _add_others_ticks(ticks, before, after):
+    """Add to ``ticks`` the clock ticks of other processes and of all cores.
+
+    ``before`` and ``after`` come from ``_cpu_counters``; nothing is added
+    where one of them is None.
+    """
+    if before is None or after is None:
+        return
+    ticks[0] += max(0, (after[0] - before[0]) - (after[2] - before[2]))
+    ticks[1] += after[1] - before[1]
 
 
 def _add_chunks(a, b, c, n_threads):
