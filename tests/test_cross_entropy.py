@@ -993,7 +993,8 @@ def test_plain_path_matches_general_path(dtype, reduction, shape, axis):
 
 def test_plain_path_errors():
     x = np.zeros((4, 3), np.float32)
-    with pytest.raises(ValueError, match=r"class indices in \[0, 3\).*got 3 at position \(2,\)"):
+    message = r"class indices in \[0, 3\).*got 3 at position \(2,\)"
+    with pytest.raises(ValueError, match=message):
         fl.cross_entropy(x, np.array([0, 1, 3, 2]))
     with pytest.raises(ValueError, match="n_threads must be None or an int >= 1"):
         fl.cross_entropy(x, np.array([0, 1, 2, 2]), n_threads=0)

@@ -917,7 +917,9 @@ def test_contiguous_path_at_threshold(dtype, offset):
     n = regression._PARALLEL_MIN_ITEMS + offset
     pred = rng.standard_normal(n).astype(dtype)
     target = rng.standard_normal(n).astype(dtype)
-    expected_loss, expected_grad = fl.mse_loss(pred, target, return_grad=True, n_threads=1)
+    expected_loss, expected_grad = fl.mse_loss(
+        pred, target, return_grad=True, n_threads=1
+    )
     assert type(expected_loss) is np.dtype(dtype).type
     for n_threads in (None, 2, 3):
         loss, grad = fl.mse_loss(pred, target, return_grad=True, n_threads=n_threads)

@@ -831,6 +831,7 @@ def test_bce_plain_path_checks_n_threads():
 def test_bce_plain_path_float32_overflow():
     # A float32 sum beyond float32's range becomes inf, with no warning.
     x = np.full(16, 1e38, np.float32)
-    loss = fl.binary_cross_entropy_with_logits(x, np.zeros(16, np.float32), reduction="sum")
+    target = np.zeros(16, np.float32)
+    loss = fl.binary_cross_entropy_with_logits(x, target, reduction="sum")
     assert loss.dtype == np.float32
     assert loss == np.inf

@@ -145,7 +145,8 @@ def _thread_table(workload):
     # "fastloss grad_out <k>t": one line per name without the count.
     by_line = {}
     for entry in workload["implementations"]:
-        by_line.setdefault(entry["name"].rsplit(" ", 1)[0], {})[entry["threads"]] = entry
+        label = entry["name"].rsplit(" ", 1)[0]
+        by_line.setdefault(label, {})[entry["threads"]] = entry
     for label, entries in by_line.items():
         lines.append("| " + " | ".join([label] + _thread_cells(entries, counts)) + " |")
     return lines
@@ -201,7 +202,8 @@ def _break_even(workloads, threshold):
         n = w["params"]["n"]
         counts = w["params"]["thread_counts"]
         entries = {e["threads"]: e for e in w["implementations"] if e["status"] == "ok"}
-        if n < threshold or len(counts) < 2 or not {counts[0], counts[-1]} <= set(entries):
+        timed = {counts[0], counts[-1]} <= set(entries)
+        if n < threshold or len(counts) < 2 or not timed:
             continue
         k = counts[-1]
         t1 = entries[counts[0]]["median_s"]
@@ -209,7 +211,8 @@ def _break_even(workloads, threshold):
         cost = tk - t1 / k
         items = cost * n / (t1 * (1 - 1 / k))
         return (
-            f"From n={n}: starting a team of {k} costs about {format_seconds(max(cost, 0.0))},"
+            f"From n={n}: starting a team of {k} costs about"
+            f" {format_seconds(max(cost, 0.0))},"
             f" so {k} threads pay from about {max(items, 0.0):.0f} items"
             f" (MIN_PARALLEL_ITEMS is {threshold})."
         )
@@ -378,7 +381,8 @@ def render_markdown(record, history=""):
             "",
             "## Parallel threshold: mse_loss float32 with grad_out",
             "",
-            f"Below MIN_PARALLEL_ITEMS ({THRESHOLD_ITEMS} items) every kernel runs on the"
+            f"Below MIN_PARALLEL_ITEMS ({THRESHOLD_ITEMS} items) every kernel"
+            " runs on the"
             " calling thread whatever `n_threads` says, so there the two columns"
             " time the same work; from it up, the speed-up is what a second"
             " thread gains.",

@@ -97,8 +97,9 @@ def wait_for_idle_threads(cap_s=IDLE_CAP_S, window_s=IDLE_WINDOW_S):
 
     A thread runs when its CPU time grows by more than IDLE_RUN_SHARE of a
     window of ``window_s``. The wait thus lasts as long as the OpenMP
-    workers of the last sample keep spinning. Returns the seconds waited; where the thread times
-    cannot be read, sleeps ``window_s`` and returns it.
+    workers of the last sample keep spinning. Returns the seconds waited.
+    Where the thread times cannot be read, sleeps ``window_s`` and returns
+    that.
     """
     start = time.perf_counter()
     before = _other_threads_runtime()
