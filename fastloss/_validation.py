@@ -173,6 +173,7 @@ def check_scalar(value, name, low=None, high=None, low_open=False):
 # Doubles of at least this magnitude round to +-inf in float32: FLT_MAX plus
 # half an ulp (2**104) rounds away under round-half-to-even.
 _FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
+_float32 = np.float32
 
 
 def to_scalar(value, dtype):
@@ -183,11 +184,12 @@ def to_scalar(value, dtype):
     kernel's NaN gets depends on the order of the operands in the machine
     code, which differs between the SIMD builds and between layouts.
     """
+    scalar = dtype.type
     if value != value:
-        return dtype.type(math.nan)
-    if dtype.type is np.float32 and abs(value) >= _FLOAT32_OVERFLOW:
+        return scalar(math.nan)
+    if scalar is _float32 and not -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW:
         value = math.copysign(math.inf, value)
-    return dtype.type(value)
+    return scalar(value)
 
 
 def grad_out_needs_buffer(grad_out, arrays):

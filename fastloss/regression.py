@@ -15,6 +15,7 @@ import numpy as np
 
 from ._kernels import load as _load_kernels
 from ._validation import (
+    _FLOAT32_OVERFLOW,
     REDUCTIONS,
     as_2d_views,
     as_float_array,
@@ -43,6 +44,8 @@ _ndarray = np.ndarray
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _PARALLEL_MIN_ITEMS = _kernels.PARALLEL_MIN_ITEMS
+_plain_kind = _kernels.plain_contiguous_kind
+_empty = np.empty
 
 
 class _LossKernels:
@@ -175,7 +178,10 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
 def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
               n_threads, param):
     """Compute an elementwise loss, its reduction and its gradient."""
-    if _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
+    # The test of _plain_contiguous_kind, written out: a call less matters
+    # on small inputs, where the Python layer is most of the time.
+    if (weight is None and type(reduction) is str and reduction in REDUCTIONS
+            and _plain_kind(pred, target, grad_out)):
         return _evaluate_contiguous(
             kernels, pred, target, reduction, return_grad, grad_out, n_threads, param
         )
@@ -233,23 +239,34 @@ def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, grad_out
     dtype = pred.dtype
     kernel = kernels.contig_f64 if dtype is _F64 else kernels.contig_f32
     n = pred.size
-    n_threads = _contiguous_threads(n, n_threads)
+    # _contiguous_threads, written out.
+    if n_threads is not None or n >= _PARALLEL_MIN_ITEMS:
+        n_threads = resolve_n_threads(n_threads)
+    else:
+        n_threads = 1
     if grad_out is not None:
         grad = grad_out
     elif return_grad:
-        grad = np.empty_like(pred)
+        # np.empty skips the dispatch layer of np.empty_like; for a
+        # C-contiguous pred both give a C-contiguous array.
+        grad = _empty(pred.shape, dtype)
     else:
         grad = None
 
     if reduction == "none":
-        out = np.empty_like(pred)
+        out = _empty(pred.shape, dtype)
         kernel(pred, target, grad, out, param, 1.0, n_threads)
         return (out, grad) if return_grad else out
     if reduction == "mean":
         total = kernel(pred, target, grad, None, param, 1.0 / n, n_threads) / n
     else:
         total = kernel(pred, target, grad, None, param, 1.0, n_threads)
-    loss = to_scalar(total, dtype)
+    if -_FLOAT32_OVERFLOW < total < _FLOAT32_OVERFLOW:
+        # to_scalar's result for a value that is neither NaN nor beyond
+        # float32's range, without its checks.
+        loss = dtype.type(total)
+    else:
+        loss = to_scalar(total, dtype)
     return (loss, grad) if return_grad else loss
 
 

@@ -18,6 +18,19 @@ _PLACEHOLDERS = {
     np.dtype(np.float64): np.zeros((1, 1, 1), np.float64),
 }
 
+# The BCE kernel's specializations by dtype, for the short path.
+_BCE = {
+    np.dtype(np.float32): _sigmoid.bce_with_logits["float"],
+    np.dtype(np.float64): _sigmoid.bce_with_logits["double"],
+}
+
+# Below this many elements every kernel (MIN_PARALLEL_ITEMS in _common.pxd)
+# runs on the calling thread whatever the thread count, so None need not be
+# resolved there.
+_PARALLEL_MIN_ITEMS = _load_kernels("_regression").PARALLEL_MIN_ITEMS
+_empty = np.empty
+_FLOAT32_OVERFLOW = v._FLOAT32_OVERFLOW
+
 
 def binary_cross_entropy_with_logits(
     logits,
@@ -224,29 +237,38 @@ def _bce_plain(logits, target, reduction, return_grad, n_threads):
 
     This is the general path of ``_run`` without its conversions: the
     inputs are read as the ``(1, 1, n)`` views that ``as_3d_views`` would
-    make of them.
+    make of them. The kernel's specialization for the dtype is called
+    directly, which skips the fused function's signature matching, and None
+    stands for every array it does not read or write, which saves the
+    acquisition of a typed memoryview each.
     """
-    nt = v.resolve_n_threads(n_threads)
+    nt = 1 if n_threads is None and logits.size < _PARALLEL_MIN_ITEMS else (
+        v.resolve_n_threads(n_threads))
     dtype = logits.dtype
     n = logits.size
-    placeholder = _PLACEHOLDERS[dtype]
+    shape = (1, 1, n)
     write_loss = reduction == "none"
-    loss_out = np.empty_like(logits) if write_loss else None
-    grad = np.empty_like(logits) if return_grad else None
+    loss_out = _empty(logits.shape, dtype) if write_loss else None
+    grad = _empty(logits.shape, dtype) if return_grad else None
     grad_scale = 1.0 / n if reduction == "mean" and n > 0 else 1.0
-    total = _sigmoid.bce_with_logits(
-        logits.reshape(1, 1, n), target.reshape(1, 1, n), placeholder, placeholder,
-        False, False,
-        loss_out.reshape(1, 1, n) if write_loss else placeholder, write_loss,
-        grad.reshape(1, 1, n) if return_grad else placeholder, return_grad,
+    total = _BCE[dtype](
+        logits.reshape(shape), target.reshape(shape), None, None, False, False,
+        loss_out.reshape(shape) if write_loss else None, write_loss,
+        grad.reshape(shape) if return_grad else None, return_grad,
         grad_scale, nt,
     )
     if write_loss:
         loss = loss_out
-    elif reduction == "sum":
-        loss = v.to_scalar(total, dtype)
+    elif n == 0 and reduction == "mean":
+        loss = dtype.type(np.nan)
     else:
-        loss = v.to_scalar(total / n, dtype) if n > 0 else dtype.type(np.nan)
+        value = total / n if reduction == "mean" else total
+        if -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW:
+            # to_scalar's result for a value that is neither NaN nor beyond
+            # float32's range, without its checks.
+            loss = dtype.type(value)
+        else:
+            loss = v.to_scalar(value, dtype)
     if return_grad:
         return loss, grad
     return loss

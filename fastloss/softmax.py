@@ -14,6 +14,8 @@ import numpy as np
 
 from ._kernels import load as _load_kernels
 from ._validation import (
+    _FLOAT32_OVERFLOW,
+    REDUCTIONS,
     as_array,
     as_float_array,
     as_index_array,
@@ -58,6 +60,14 @@ _FOCAL_LABELS = {
 _FLOAT_DTYPES = frozenset(_CE_LABELS)
 _is_c_contiguous = _softmax.is_c_contiguous
 _INT64 = np.dtype(np.int64)
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+_ndarray = np.ndarray
+_empty = np.empty
+# Below this many logits every kernel (MIN_PARALLEL_ITEMS in _common.pxd)
+# runs on the calling thread whatever the thread count, so None need not be
+# resolved there.
+_PARALLEL_MIN_ITEMS = _load_kernels("_regression").PARALLEL_MIN_ITEMS
 
 
 def cross_entropy(
@@ -160,6 +170,15 @@ def cross_entropy(
     >>> round(float(loss), 6)
     0.168117
     """
+    if (weight is None and grad_out is None and type(logits) is _ndarray
+            and type(target) is _ndarray and type(axis) is int
+            and type(ignore_index) is int and type(label_smoothing) is float
+            and type(reduction) is str and type(return_grad) is bool):
+        result = _cross_entropy_plain(logits, target, ignore_index, label_smoothing,
+                                      axis, reduction, return_grad, n_threads)
+        if result is not None:
+            return result
+
     x, t, class_axis, probs, dtype = _prepare(logits, target, axis, probabilities=True)
     reduction = check_reduction(reduction)
     if type(label_smoothing) is float and 0.0 <= label_smoothing <= 1.0:
@@ -183,6 +202,78 @@ def cross_entropy(
             want_grad, grad_out, n_threads,
         )
     return result if want_grad == return_grad else result[0]
+
+
+def _cross_entropy_plain(logits, target, ignore, smoothing, axis, reduction,
+                         return_grad, n_threads):
+    """Compute ``cross_entropy`` for plain valid arguments, or return None.
+
+    This is the path of ``_run_labels`` for C-contiguous non-empty float
+    logits with 2 or more axes, C-contiguous int64 class indices, no weight
+    and no ``grad_out``, with every scalar argument of its plain type and
+    valid. For anything else it returns None, and the general path checks
+    the arguments and raises the errors.
+    """
+    dtype = logits.dtype
+    shape = logits.shape
+    ndim = len(shape)
+    if (dtype not in _FLOAT_DTYPES or ndim < 2 or not -ndim <= axis < ndim
+            or target.dtype != _INT64 or reduction not in REDUCTIONS
+            or not 0.0 <= smoothing <= 1.0 or not _INT64_MIN <= ignore <= _INT64_MAX
+            or logits.size == 0):
+        return None
+    class_axis = axis % ndim
+    index_shape = shape[:class_axis] + shape[class_axis + 1 :]
+    if (target.shape != index_shape or not logits.flags.c_contiguous
+            or not target.flags.c_contiguous):
+        return None
+
+    n_classes = shape[class_axis]
+    if ndim == 2 and class_axis == 1:
+        outer, inner = shape[0], 1
+    else:
+        outer = math.prod(shape[:class_axis])
+        inner = math.prod(shape[class_axis + 1 :])
+    xv = logits.reshape(outer, n_classes, inner)
+    tv = target.reshape(outer, inner)
+    w = _UNIT_WEIGHTS.get((n_classes, dtype))
+    if w is None:
+        w = _unit_weight(n_classes, dtype)
+    if n_threads is not None or logits.size >= _PARALLEL_MIN_ITEMS:
+        n_threads = resolve_n_threads(n_threads)
+    else:
+        n_threads = 1
+    grad = _empty(shape, dtype) if return_grad else None
+    gv = grad.reshape(xv.shape) if return_grad else None
+    mean = reduction == "mean"
+    if reduction == "none":
+        losses = _empty(index_shape, dtype)
+        lv = losses.reshape(outer, inner)
+    else:
+        losses = lv = None
+
+    loss_sum, weight_sum, bad = _CE_LABELS[dtype](
+        xv, tv, w, ignore, smoothing, gv, lv, return_grad, losses is not None, mean,
+        False, n_threads,
+    )
+    if bad >= 0:
+        _raise_bad_label(target, bad, n_classes, ignore)
+    if return_grad and mean and weight_sum == 0.0:
+        grad[...] = 0
+
+    if reduction == "none":
+        return (losses, grad) if return_grad else losses
+    if reduction == "sum":
+        value = loss_sum
+    else:
+        value = loss_sum / weight_sum if weight_sum != 0.0 else math.nan
+    if -_FLOAT32_OVERFLOW < value < _FLOAT32_OVERFLOW:
+        # to_scalar's result for a value that is neither NaN nor beyond
+        # float32's range, without its checks.
+        loss = dtype.type(value)
+    else:
+        loss = to_scalar(value, dtype)
+    return (loss, grad) if return_grad else loss
 
 
 def focal_loss(

@@ -14,7 +14,7 @@ import pytest
 
 import fastloss
 from fastloss import benchmarks
-from fastloss._bench import suite
+from fastloss._bench import suite, timing
 from fastloss._bench.workload import check_result
 
 FAST_ANCHORS = "numpy-naive,numpy-careful"
@@ -54,7 +54,9 @@ def test_tiny_suite_record_keys(tiny_run):
 def test_tiny_suite_times_every_workload(tiny_run):
     record, _, _ = tiny_run
     groups = {w["group"] for w in record["workloads"]}
-    assert groups == {"regression", "classification", "overlap", "per-call", "threads"}
+    assert groups == {
+        "regression", "classification", "overlap", "per-call", "threads", "threshold"
+    }
     for workload in record["workloads"]:
         assert workload["status"] == "ok", (workload["name"], workload.get("reason"))
         assert workload["bytes_moved"] > 0
@@ -84,6 +86,8 @@ def test_tiny_suite_markdown_and_plot(tiny_run):
     for title in ("Regression losses", "Classification losses", "Overlap losses"):
         assert f"## {title}" in markdown
     assert "## Thread scaling" in markdown
+    assert "| fastloss grad_out |" in markdown
+    assert "## Parallel threshold" in markdown
     assert "## Skipped workloads" not in markdown
     pytest.importorskip("matplotlib")
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -168,3 +172,100 @@ def test_markdown_keeps_history_section(tmp_path):
 
     page.write_text("# a page without a history section\n")
     assert report.kept_history(page) == ""
+
+
+def test_thread_row_blocks_per_library(tiny_run, monkeypatch):
+    from fastloss._bench import anchors
+
+    record, _, _ = tiny_run
+    (workload,) = [w for w in record["workloads"] if w["group"] == "threads"]
+    names = {e["name"] for e in workload["implementations"]}
+    assert {"fastloss 1t", "fastloss grad_out 1t"} <= names
+
+    blocks = []
+    real = timing.time_interleaved
+
+    def recording(funcs, *args, **kwargs):
+        blocks.append(len(funcs))
+        return real(funcs, *args, **kwargs)
+
+    monkeypatch.setattr(suite, "time_interleaved", recording)
+    mode = suite.make_mode("tiny")
+    (thread_workload,) = suite.select(suite.workloads(mode, 2), "threads")
+    available, _ = anchors.load_anchors(["torch", "sklearn", "numba"])
+    ctx = {"anchors": available, "n_threads": 2, "seed": 1}
+    bandwidth = {"by_threads": {"1": {"bytes_per_s": 1e10}, "2": {"bytes_per_s": 2e10}}}
+    result = suite.run_workload(thread_workload, mode, ctx, bandwidth)
+    # One block for fastloss (fresh and grad_out, 1 and 2 threads), then one
+    # per installed anchor (1 and 2 threads).
+    assert blocks == [4] + [2] * len(available)
+    for entry in result["implementations"]:
+        assert entry["status"] == "ok", entry
+
+
+def test_threshold_sweep_straddles_threshold():
+    from fastloss._bench import report
+
+    sizes = suite.make_mode("full").threshold_sizes
+    assert min(sizes) < report.THRESHOLD_ITEMS <= max(sizes)
+    assert report.THRESHOLD_ITEMS in sizes
+
+
+def test_break_even_estimate():
+    from fastloss._bench import report
+
+    def workload(n, t1, t2):
+        return {
+            "params": {"n": n, "thread_counts": [1, 2]},
+            "implementations": [
+                {"threads": 1, "status": "ok", "median_s": t1},
+                {"threads": 2, "status": "ok", "median_s": t2},
+            ],
+        }
+
+    # t2 = t1 / 2 + 3 us at n = 32768 with t1 = 8 us: the team costs 3 us,
+    # which the halved work pays back from 2 * 3 / 8 * 32768 = 24576 items.
+    sweep = [workload(16384, 4e-6, 4e-6), workload(32768, 8e-6, 7e-6)]
+    text = report._break_even(sweep, 32768)
+    assert "from about 24576 items" in text
+    assert report._break_even(sweep[:1], 32768) is None
+
+
+def test_idle_wait_sees_busy_thread():
+    import threading
+    import time
+
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            pass
+
+    worker = threading.Thread(target=spin)
+    worker.start()
+    try:
+        waited = timing.wait_for_idle_threads(cap_s=0.02)
+    finally:
+        stop.set()
+        worker.join()
+    # A thread that never sleeps keeps the wait going up to the cap.
+    assert waited >= 0.02
+    time.sleep(0.01)
+    assert timing.wait_for_idle_threads(cap_s=1.0) < 0.5
+
+
+def test_others_ticks_exclude_own():
+    ticks = [0, 0]
+    # 20 busy ticks of 20 in all, 5 of them this process's own.
+    timing._add_others_ticks(ticks, (10, 100, 2), (30, 120, 7))
+    assert ticks == [15, 20]
+    timing._add_others_ticks(ticks, None, (30, 120, 7))
+    assert ticks == [15, 20]
+
+
+def test_tiny_suite_records_busy_share(tiny_run):
+    record, _, _ = tiny_run
+    for workload in record["workloads"]:
+        for entry in workload["implementations"]:
+            share = entry["others_busy_share"]
+            assert share is None or 0.0 <= share <= 1.0

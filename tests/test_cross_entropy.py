@@ -960,3 +960,57 @@ def test_mean_scan_skipped_for_sum_still_raises(rng):
     with pytest.raises(ValueError, match=r"got 7 at position \(2,\)"):
         fl.cross_entropy(logits, np.array([0, 1, 7, 2, 1]), reduction="sum",
                          return_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "shape, axis",
+    [((5, 4), 1), ((3, 4, 6), 1), ((3, 6, 4), -1), ((8193, 4), 1), ((8192, 4), 1)],
+    ids=["2d", "3d", "channels-last", "at-threshold", "below-threshold"],
+)
+def test_plain_path_matches_general_path(dtype, reduction, shape, axis):
+    # Plain C-contiguous arrays take a short path. A target given as a list
+    # takes the general one, which must give the same bits. The last two
+    # shapes have 32772 and 32768 logits, on both sides of the threshold
+    # below which n_threads=None is not resolved.
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(shape).astype(dtype)
+    class_axis = axis % len(shape)
+    index_shape = shape[:class_axis] + shape[class_axis + 1 :]
+    t = rng.integers(0, shape[class_axis], index_shape)
+    t.flat[0] = -100
+    expected = fl.cross_entropy(x, t.tolist(), axis=axis, reduction=reduction,
+                                return_grad=True)
+    for n_threads in (None, 1, 2):
+        loss, grad = fl.cross_entropy(x, t, axis=axis, reduction=reduction,
+                                      return_grad=True, n_threads=n_threads)
+        assert np.asarray(loss).tobytes() == np.asarray(expected[0]).tobytes()
+        assert grad.tobytes() == expected[1].tobytes()
+    loss_only = fl.cross_entropy(x, t, axis=axis, reduction=reduction)
+    assert np.asarray(loss_only).tobytes() == np.asarray(expected[0]).tobytes()
+
+
+def test_plain_path_errors():
+    x = np.zeros((4, 3), np.float32)
+    message = r"class indices in \[0, 3\).*got 3 at position \(2,\)"
+    with pytest.raises(ValueError, match=message):
+        fl.cross_entropy(x, np.array([0, 1, 3, 2]))
+    with pytest.raises(ValueError, match="n_threads must be None or an int >= 1"):
+        fl.cross_entropy(x, np.array([0, 1, 2, 2]), n_threads=0)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fl.cross_entropy(x, np.array([0, 1, 2, 2]), reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        fl.cross_entropy(x, np.array([0, 1, 2, 2]), label_smoothing=1.5)
+    # All ignored: the mean is NaN and its gradient zero.
+    loss, grad = fl.cross_entropy(x, np.full(4, -100), return_grad=True)
+    assert np.isnan(loss)
+    assert not grad.any()
+
+
+def test_plain_path_float32_overflow():
+    # A loss beyond float32's range becomes inf, with no warning.
+    x = np.array([[3e38, -3e38]], np.float32)
+    loss = fl.cross_entropy(x, np.array([1]), reduction="sum")
+    assert loss.dtype == np.float32
+    assert loss == np.inf

@@ -903,3 +903,34 @@ def test_contiguous_grad_out_is_used(dtype, rng):
     expected_loss, expected_grad = fl.huber_loss(pred, target, return_grad=True)
     assert _bits(loss) == _bits(expected_loss)
     assert _bits(grad_out) == _bits(expected_grad)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [-1, 0])
+def test_contiguous_path_at_threshold(dtype, offset):
+    # The contiguous path resolves n_threads=None only from the parallel
+    # threshold up; every count gives the bits of one thread on both sides,
+    # and the loss is a scalar of the compute dtype.
+    from fastloss import regression
+
+    rng = np.random.default_rng(7)
+    n = regression._PARALLEL_MIN_ITEMS + offset
+    pred = rng.standard_normal(n).astype(dtype)
+    target = rng.standard_normal(n).astype(dtype)
+    expected_loss, expected_grad = fl.mse_loss(
+        pred, target, return_grad=True, n_threads=1
+    )
+    assert type(expected_loss) is np.dtype(dtype).type
+    for n_threads in (None, 2, 3):
+        loss, grad = fl.mse_loss(pred, target, return_grad=True, n_threads=n_threads)
+        assert loss.tobytes() == expected_loss.tobytes()
+        assert grad.tobytes() == expected_grad.tobytes()
+    with pytest.raises(ValueError, match="n_threads must be None or an int >= 1"):
+        fl.mse_loss(pred[:16], target[:16], n_threads=0)
+
+
+def test_contiguous_path_nan_is_positive():
+    pred = np.array([np.nan, 1.0])
+    loss = fl.mse_loss(pred, np.zeros(2))
+    assert np.isnan(loss)
+    assert not np.signbit(loss)

@@ -795,3 +795,43 @@ def test_bce_plain_path_empty_and_loss_only():
     loss = fl.binary_cross_entropy_with_logits(x, y, reduction="sum")
     assert type(loss) is np.float32
     np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("offset", [-1, 0])
+def test_bce_plain_path_at_threshold(rng, dtype, reduction, offset):
+    # The plain path resolves n_threads=None only from the parallel threshold
+    # up, and the result must be the same bits on both sides and for every
+    # count. The general path, which a target given as a list takes, is the
+    # reference.
+    n = sigmoid_module._PARALLEL_MIN_ITEMS + offset
+    x = rng.standard_normal(n).astype(dtype)
+    y = (rng.random(n) > 0.5).astype(dtype)
+    expected_loss, expected_grad = fl.binary_cross_entropy_with_logits(
+        x, y.tolist(), reduction=reduction, return_grad=True, n_threads=1
+    )
+    for n_threads in (None, *THREAD_COUNTS):
+        loss, grad = fl.binary_cross_entropy_with_logits(
+            x, y, reduction=reduction, return_grad=True, n_threads=n_threads
+        )
+        assert np.asarray(loss).tobytes() == np.asarray(expected_loss).tobytes()
+        assert grad.tobytes() == expected_grad.tobytes()
+        assert grad.dtype == dtype
+
+
+def test_bce_plain_path_checks_n_threads():
+    x = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match="n_threads must be None or an int >= 1"):
+        fl.binary_cross_entropy_with_logits(x, x, n_threads=0)
+    with pytest.raises(TypeError, match="n_threads must be None or an int"):
+        fl.binary_cross_entropy_with_logits(x, x, n_threads=1.5)
+
+
+def test_bce_plain_path_float32_overflow():
+    # A float32 sum beyond float32's range becomes inf, with no warning.
+    x = np.full(16, 1e38, np.float32)
+    target = np.zeros(16, np.float32)
+    loss = fl.binary_cross_entropy_with_logits(x, target, reduction="sum")
+    assert loss.dtype == np.float32
+    assert loss == np.inf

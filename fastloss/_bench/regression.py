@@ -247,6 +247,10 @@ def thread_scaling_workload(n, dtype, max_threads):
     Only the implementations with a thread-count setting take part: fastloss
     (``n_threads``), scikit-learn (``n_threads``), PyTorch
     (``torch.set_num_threads``) and numba (``numba.set_num_threads``).
+    fastloss is timed twice, with a fresh gradient and with ``grad_out``:
+    the kernel zeroes the fresh gradient's pages in whichever thread first
+    writes them, and that part scales with the threads differently from the
+    loss itself. Each library is timed in a block of its own.
     """
     itemsize = np.dtype(dtype).itemsize
     counts = sorted({1, max_threads})
@@ -255,6 +259,7 @@ def thread_scaling_workload(n, dtype, max_threads):
         pred, target = _inputs(n, dtype, ctx["seed"])
         reference_loss, reference_grad = _reference("mse_loss", pred, target)
         anchors = ctx["anchors"]
+        grad_out = np.empty_like(pred)
         impls = []
         for k in counts:
             impls.append(
@@ -262,6 +267,15 @@ def thread_scaling_workload(n, dtype, max_threads):
                     f"fastloss {k}t",
                     "fastloss",
                     partial(fastloss.mse_loss, pred, target, return_grad=True, n_threads=k),
+                    threads=k,
+                )
+            )
+            impls.append(
+                Implementation(
+                    f"fastloss grad_out {k}t",
+                    "fastloss",
+                    partial(fastloss.mse_loss, pred, target, return_grad=True,
+                            grad_out=grad_out, n_threads=k),
                     threads=k,
                 )
             )
@@ -283,6 +297,46 @@ def thread_scaling_workload(n, dtype, max_threads):
     return Workload(
         name=f"mse_loss {dtype} n={format_count(n)}, threads",
         group="threads",
+        loss="mse_loss",
+        params={"n": n, "thread_counts": counts},
+        dtype=dtype,
+        bytes_moved=3 * n * itemsize,
+        bytes_note=f"read 2n*{itemsize}, write n*{itemsize}",
+        build=build,
+        rows=[],
+        blocks_by_anchor=True,
+    )
+
+
+def threshold_workload(n, dtype, max_threads):
+    """Return fastloss's MSE with ``grad_out`` on ``n`` elements, 1 and all threads.
+
+    One point of the sweep that shows where a second thread starts to pay,
+    which is what MIN_PARALLEL_ITEMS in ``_common.pxd`` should be. The
+    gradient is preallocated so that page faults do not enter the timing.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    counts = sorted({1, max_threads})
+
+    def build(ctx):
+        pred, target = _inputs(n, dtype, ctx["seed"])
+        reference_loss, reference_grad = _reference("mse_loss", pred, target)
+        grad_out = np.empty_like(pred)
+        impls = [
+            Implementation(
+                f"fastloss {k}t",
+                "fastloss",
+                partial(fastloss.mse_loss, pred, target, return_grad=True,
+                        grad_out=grad_out, n_threads=k),
+                threads=k,
+            )
+            for k in counts
+        ]
+        return reference_loss, reference_grad, impls
+
+    return Workload(
+        name=f"mse_loss {dtype} n={n}, parallel threshold",
+        group="threshold",
         loss="mse_loss",
         params={"n": n, "thread_counts": counts},
         dtype=dtype,

@@ -12,6 +12,10 @@ import fastloss
 from fastloss._kernels._openmp import max_threads
 
 from .anchors import ANCHORS, LABELS
+from .timing import IDLE_CAP_S
+
+# MIN_PARALLEL_ITEMS of _common.pxd, which the regression kernels export.
+THRESHOLD_ITEMS = fastloss.regression._PARALLEL_MIN_ITEMS
 
 GROUP_TITLES = {
     "regression": "Regression losses",
@@ -137,30 +141,82 @@ def _thread_table(workload):
     if len(counts) > 1:
         header.append("speed-up")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    by_anchor = {}
+    # An implementation is named "<library> <k>t", fastloss also
+    # "fastloss grad_out <k>t": one line per name without the count.
+    by_line = {}
     for entry in workload["implementations"]:
-        by_anchor.setdefault(entry["anchor"], {})[entry["threads"]] = entry
-    for anchor, entries in by_anchor.items():
-        cells = [LABELS.get(anchor, anchor)]
-        for k in counts:
-            entry = entries.get(k)
-            if entry is None:
-                cells.append("—")
-            elif entry["status"] != "ok":
-                cells.append(entry["status"])
-            else:
-                cells.append(
-                    f"{format_seconds(entry['median_s'])}"
-                    f" ({format_number(entry['floor_multiple'])}× floor)"
-                )
-        if len(counts) > 1:
-            first, last = entries.get(counts[0]), entries.get(counts[-1])
-            if first and last and first["status"] == last["status"] == "ok":
-                cells.append(f"{format_number(first['median_s'] / last['median_s'])}×")
-            else:
-                cells.append("—")
-        lines.append("| " + " | ".join(cells) + " |")
+        label = entry["name"].rsplit(" ", 1)[0]
+        by_line.setdefault(label, {})[entry["threads"]] = entry
+    for label, entries in by_line.items():
+        lines.append("| " + " | ".join([label] + _thread_cells(entries, counts)) + " |")
     return lines
+
+
+def _thread_cells(entries, counts):
+    """Return the time per thread count and the speed-up of one table line."""
+    cells = []
+    for k in counts:
+        entry = entries.get(k)
+        if entry is None:
+            cells.append("—")
+        elif entry["status"] != "ok":
+            cells.append(entry["status"])
+        else:
+            cells.append(
+                f"{format_seconds(entry['median_s'])}"
+                f" ({format_number(entry['floor_multiple'])}× floor)"
+            )
+    if len(counts) > 1:
+        first, last = entries.get(counts[0]), entries.get(counts[-1])
+        if first and last and first["status"] == last["status"] == "ok":
+            cells.append(f"{format_number(first['median_s'] / last['median_s'])}×")
+        else:
+            cells.append("—")
+    return cells
+
+
+def _threshold_table(workloads):
+    """Return the table of the parallel-threshold sweep, one line per size."""
+    counts = workloads[0]["params"]["thread_counts"]
+    header = ["n"] + [f"{k} thread{'s' if k > 1 else ''}" for k in counts]
+    if len(counts) > 1:
+        header.append("speed-up")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for w in sorted(workloads, key=lambda w: w["params"]["n"]):
+        entries = {e["threads"]: e for e in w["implementations"]}
+        lines.append("| " + " | ".join([str(w["params"]["n"])]
+                                       + _thread_cells(entries, counts)) + " |")
+    return lines
+
+
+def _break_even(workloads, threshold):
+    """Estimate the size from which all threads beat one, as a sentence.
+
+    The estimate uses the smallest swept size ``n`` from ``threshold`` up,
+    with ``t1`` the time on one thread and ``tk`` on ``k``. Starting the
+    team costs ``c = tk - t1 / k``. With the work proportional to the size,
+    ``k`` threads pay from ``c * n / (t1 * (1 - 1 / k))`` items. Returns
+    None when no such size was timed.
+    """
+    for w in sorted(workloads, key=lambda w: w["params"]["n"]):
+        n = w["params"]["n"]
+        counts = w["params"]["thread_counts"]
+        entries = {e["threads"]: e for e in w["implementations"] if e["status"] == "ok"}
+        timed = {counts[0], counts[-1]} <= set(entries)
+        if n < threshold or len(counts) < 2 or not timed:
+            continue
+        k = counts[-1]
+        t1 = entries[counts[0]]["median_s"]
+        tk = entries[k]["median_s"]
+        cost = tk - t1 / k
+        items = cost * n / (t1 * (1 - 1 / k))
+        return (
+            f"From n={n}: starting a team of {k} costs about"
+            f" {format_seconds(max(cost, 0.0))},"
+            f" so {k} threads pay from about {max(items, 0.0):.0f} items"
+            f" (MIN_PARALLEL_ITEMS is {threshold})."
+        )
+    return None
 
 
 def _problems(workloads):
@@ -185,8 +241,11 @@ def _method_text(record):
         " The implementations of a workload are sampled in rotating round-robin"
         f" order, {record['n_samples']} samples each after a warm-up. Every sample"
         f" repeats the call for at least {sample} and is followed by an untimed"
-        f" {pause} pause, so that one library's spinning OpenMP threads are idle"
-        " before the next library runs. The tables give the median per call, the"
+        f" {pause} pause and then a wait (at most {format_seconds(IDLE_CAP_S)}) until"
+        " no other thread of the process has run for a millisecond, so that the"
+        " OpenMP workers of one sample, which spin for several milliseconds"
+        " after a parallel region, are asleep before the next sample runs."
+        " The tables give the median per call, the"
         " interquartile range for fastloss, and for each anchor its median with the"
         " ratio `anchor / fastloss` (above 1, fastloss is faster). Each workload"
         " starts after a wait of at most"
@@ -296,7 +355,43 @@ def render_markdown(record, history=""):
     for w in workloads:
         if w["group"] == "threads" and w["status"] == "ok":
             out += ["", f"## Thread scaling: {w['name'].rsplit(',', 1)[0]}", ""]
+            out += [
+                "Each library is timed in a block of its own, its thread counts"
+                " interleaved. fastloss allocates the gradient per call on its"
+                " first line and writes into `grad_out` on the second;"
+                " scikit-learn and numba write into preallocated arrays, PyTorch"
+                " allocates its gradient.",
+                "",
+            ]
             out += _thread_table(w)
+            busy = [e.get("others_busy_share") for e in w["implementations"]]
+            busy = [b for b in busy if b is not None]
+            if busy and max(busy) >= 0.1:
+                out += [
+                    "",
+                    f"Other processes used up to {max(busy):.0%} of all cores during"
+                    " the samples of one implementation, so a thread"
+                    " count above the free cores was time-sliced and its times"
+                    " overstate what a quiet machine gives.",
+                ]
+
+    sweep = [w for w in workloads if w["group"] == "threshold" and w["status"] == "ok"]
+    if sweep:
+        out += [
+            "",
+            "## Parallel threshold: mse_loss float32 with grad_out",
+            "",
+            f"Below MIN_PARALLEL_ITEMS ({THRESHOLD_ITEMS} items) every kernel"
+            " runs on the"
+            " calling thread whatever `n_threads` says, so there the two columns"
+            " time the same work; from it up, the speed-up is what a second"
+            " thread gains.",
+            "",
+        ]
+        out += _threshold_table(sweep)
+        estimate = _break_even(sweep, THRESHOLD_ITEMS)
+        if estimate is not None:
+            out += ["", estimate]
 
     bytes_lines = sorted({f"- {w['name']}: {w['bytes_note']}" for w in workloads if w["status"] == "ok"})
     if bytes_lines:

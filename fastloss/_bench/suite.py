@@ -9,12 +9,20 @@ from fastloss._kernels._openmp import max_threads
 from . import anchors as anchor_lib
 from .classification import bce_workload, cross_entropy_workload
 from .overlap import dice_workload
-from .regression import regression_workload, thread_scaling_workload
+from .regression import (
+    regression_workload,
+    thread_scaling_workload,
+    threshold_workload,
+)
 from .timing import measure_bandwidth, time_interleaved, wait_for_quiet
 from .workload import check_result
 
 SEED = 20261204
 MiB = 1 << 20
+# Sizes of the parallel-threshold sweep, around MIN_PARALLEL_ITEMS (32768)
+# of _common.pxd. Below it a kernel runs on one thread whatever n_threads
+# requests, so only the sizes from the threshold up show what 2 threads gain.
+THRESHOLD_SIZES = (16_384, 32_768, 49_152, 65_536, 131_072, 262_144)
 
 
 @dataclass
@@ -28,6 +36,7 @@ class Mode:
     bce_size: int
     dice_shape: tuple
     thread_scaling_size: int
+    threshold_sizes: tuple
     n_samples: int
     warmup: int
     min_sample_s: float
@@ -77,6 +86,7 @@ def make_mode(name):
             bce_size=10_000_000,
             dice_shape=(8, 21, 256, 256),
             thread_scaling_size=10_000_000,
+            threshold_sizes=THRESHOLD_SIZES,
             n_samples=15,
             warmup=3,
             min_sample_s=0.05,
@@ -99,6 +109,7 @@ def make_mode(name):
             bce_size=1_000_000,
             dice_shape=(2, 21, 128, 128),
             thread_scaling_size=1_000_000,
+            threshold_sizes=THRESHOLD_SIZES,
             n_samples=7,
             warmup=2,
             min_sample_s=0.01,
@@ -118,6 +129,7 @@ def make_mode(name):
             bce_size=100,
             dice_shape=(2, 3, 4, 4),
             thread_scaling_size=1_000,
+            threshold_sizes=(1_000, 40_000),
             n_samples=7,
             warmup=1,
             min_sample_s=1e-4,
@@ -150,6 +162,8 @@ def workloads(mode, n_threads):
         dice_workload((1, 4, 2, 2), group="per-call", per_call=True),
     ]
     result.append(thread_scaling_workload(mode.thread_scaling_size, "float32", n_threads))
+    for n in mode.threshold_sizes:
+        result.append(threshold_workload(n, "float32", n_threads))
     return result
 
 
@@ -223,13 +237,23 @@ def run_workload(workload, mode, ctx, bandwidth):
             timed.append((entry, impl))
     del reference_grad
 
-    stats = time_interleaved(
-                [impl.run for _, impl in timed],
-        mode.n_samples,
-        mode.warmup,
-        mode.min_sample_s,
-        mode.pause_s,
-    )
+    if workload.blocks_by_anchor:
+        blocks = {}
+        for pair in timed:
+            blocks.setdefault(pair[1].anchor, []).append(pair)
+        blocks = list(blocks.values())
+    else:
+        blocks = [timed]
+    stats = []
+    for block in blocks:
+        stats += time_interleaved(
+            [impl.run for _, impl in block],
+            mode.n_samples,
+            mode.warmup,
+            mode.min_sample_s,
+            mode.pause_s,
+        )
+    timed = [pair for block in blocks for pair in block]
     for (entry, _), summary in zip(timed, stats):
         entry.update(summary)
         entry["floor_multiple"] = entry["median_s"] / entry["floor_s"]

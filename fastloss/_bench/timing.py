@@ -3,6 +3,7 @@
 import gc
 import math
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,6 +13,19 @@ import numpy as np
 # of all cores, over QUIET_WINDOW_S seconds while this process sleeps.
 QUIET_BUSY_SHARE = 0.10
 QUIET_WINDOW_S = 0.2
+
+# After a parallel region, libgomp's idle workers spin for GOMP_SPINCOUNT
+# iterations (300000 when OMP_WAIT_POLICY is unset) before they sleep: 2 to
+# 7 ms on a 2-core Xeon, longer than a fixed pause of 2 or 5 ms. A spinning
+# worker of one runtime (scikit-learn ships its own libgomp) then occupies
+# a core that the next 2-thread sample needs. So after each sample the loop
+# waits until no other thread of this process has run for IDLE_WINDOW_S,
+# for at most IDLE_CAP_S.
+IDLE_WINDOW_S = 0.001
+IDLE_CAP_S = 0.1
+# A thread counts as asleep when it ran for less than this share of a window
+# (a brief wake-up for housekeeping is not spinning).
+IDLE_RUN_SHARE = 0.1
 
 
 def _read_cpu_jiffies():
@@ -54,6 +68,53 @@ def others_busy_share(window_s=QUIET_WINDOW_S):
     if total <= 0:
         return None
     return max(0.0, (busy1 - busy0) - (own1 - own0)) / total
+
+
+def _other_threads_runtime():
+    """Return ``{tid: nanoseconds on a CPU}`` for this process's other threads.
+
+    Returns None where /proc/self/task cannot be read.
+    """
+    own = str(threading.get_native_id())
+    result = {}
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for tid in tids:
+        if tid == own:
+            continue
+        try:
+            with open(f"/proc/self/task/{tid}/schedstat") as f:
+                result[tid] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread ended meanwhile
+    return result
+
+
+def wait_for_idle_threads(cap_s=IDLE_CAP_S, window_s=IDLE_WINDOW_S):
+    """Wait until no other thread of this process runs, for at most ``cap_s``.
+
+    A thread runs when its CPU time grows by more than IDLE_RUN_SHARE of a
+    window of ``window_s``. The wait thus lasts as long as the OpenMP
+    workers of the last sample keep spinning. Returns the seconds waited.
+    Where the thread times cannot be read, sleeps ``window_s`` and returns
+    that.
+    """
+    start = time.perf_counter()
+    before = _other_threads_runtime()
+    if before is None:
+        time.sleep(window_s)
+        return window_s
+    limit = IDLE_RUN_SHARE * window_s * 1e9
+    while True:
+        time.sleep(window_s)
+        after = _other_threads_runtime() or {}
+        busy = any(after[tid] - before.get(tid, 0) > limit for tid in after)
+        waited = time.perf_counter() - start
+        if not busy or waited >= cap_s:
+            return waited
+        before = after
 
 
 def _spin_seconds(iterations=200_000):
@@ -152,24 +213,32 @@ def calls_per_sample(func, min_sample_s):
     return int(10 * power)
 
 
-def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0):
+def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0,
+                     idle_cap_s=IDLE_CAP_S):
     """Time several zero-argument callables in round-robin order.
 
     Each callable is warmed up ``warmup`` times, then calibrated to a number
     of calls per sample. Every round takes one sample of each callable, and
     the starting callable rotates from round to round, so a slow drift of the
-    machine spreads over all of them instead of biasing one. A pause of
-    ``pause_s`` follows each sample, untimed, so that the OpenMP threads of
-    one library, which spin for a while after a parallel region, are asleep
-    before the next library needs the cores. The garbage collector is off
-    while sampling. Returns, per callable, the summary of
-    ``summarize`` plus ``calls_per_sample``.
+    machine spreads over all of them instead of biasing one. After each
+    sample, untimed, comes a pause of ``pause_s`` and then a wait of at most
+    ``idle_cap_s`` until the OpenMP threads of that sample, which spin for a
+    while after a parallel region, are asleep (``wait_for_idle_threads``),
+    so that they hold no core when the next sample needs it. The garbage
+    collector is off while sampling. Returns, per callable, the summary of
+    ``summarize`` plus ``calls_per_sample``, ``idle_wait_s`` (the longest
+    wait after one of its samples) and ``others_busy_share`` (the share of
+    all cores that other processes used during its samples, from clock
+    ticks (usually 100 a second), or None where /proc/stat cannot be read).
     """
     for func in funcs:
         for _ in range(warmup):
             func()
     numbers = [calls_per_sample(func, min_sample_s) for func in funcs]
     samples = [[] for _ in funcs]
+    # Per callable: clock ticks of other processes and of all cores.
+    ticks = [[0, 0] for _ in funcs]
+    waits = [0.0 for _ in funcs]
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
@@ -178,21 +247,48 @@ def time_interleaved(funcs, n_samples, warmup, min_sample_s, pause_s=0.0):
             for offset in range(len(funcs)):
                 k = (round_index + offset) % len(funcs)
                 func, number = funcs[k], numbers[k]
+                before = _cpu_counters()
                 start = time.perf_counter()
                 for _ in range(number):
                     func()
                 samples[k].append((time.perf_counter() - start) / number)
+                _add_others_ticks(ticks[k], before, _cpu_counters())
                 if pause_s > 0:
                     time.sleep(pause_s)
+                if idle_cap_s > 0:
+                    waits[k] = max(waits[k], wait_for_idle_threads(idle_cap_s))
     finally:
         if gc_was_enabled:
             gc.enable()
     results = []
-    for number, values in zip(numbers, samples):
+    for number, values, wait, (others, total) in zip(numbers, samples, waits, ticks):
         summary = summarize(values)
         summary["calls_per_sample"] = number
+        summary["idle_wait_s"] = wait
+        summary["others_busy_share"] = others / total if total > 0 else None
         results.append(summary)
     return results
+
+
+def _cpu_counters():
+    """Return ``(busy, total, own)`` clock ticks, or None where unreadable."""
+    try:
+        busy, total = _read_cpu_jiffies()
+        return busy, total, _read_own_jiffies()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _add_others_ticks(ticks, before, after):
+    """Add to ``ticks`` the clock ticks of other processes and of all cores.
+
+    ``before`` and ``after`` come from ``_cpu_counters``; nothing is added
+    where one of them is None.
+    """
+    if before is None or after is None:
+        return
+    ticks[0] += max(0, (after[0] - before[0]) - (after[2] - before[2]))
+    ticks[1] += after[1] - before[1]
 
 
 def _add_chunks(a, b, c, n_threads):

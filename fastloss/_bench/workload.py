@@ -65,6 +65,11 @@ class Workload:
     # ``grad_out``).
     rows: list = field(default_factory=lambda: [{"label": "", "fastloss": "fastloss"}])
     per_call: bool = False
+    # Time each library's implementations in a block of their own instead of
+    # interleaving all of them. A thread row compares a library with itself
+    # at several thread counts, as a user's repeated calls would run, with
+    # no other runtime's threads spinning on the cores.
+    blocks_by_anchor: bool = False
 
 
 def check_result(result, reference_loss, reference_grad, dtype):

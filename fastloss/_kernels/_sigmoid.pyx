@@ -598,25 +598,48 @@ def bce_with_logits(
         y = &target[0, 0, 0]
         o = &loss_out[0, 0, 0] if write_loss else NULL
         g = &grad[0, 0, 0] if write_grad else NULL
+    # With one thread the blocks run without an OpenMP region, because even
+    # a team of one costs libgomp about 4000 instructions per call.
     with nogil:
         if contiguous:
-            for b in prange(nb, schedule="static", num_threads=nt):
-                partials[b] = bce_contig_block(
-                    x, y, o, g, grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
-                )
+            if nt == 1:
+                for b in range(nb):
+                    partials[b] = bce_contig_block(
+                        x, y, o, g, grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
+            else:
+                for b in prange(nb, schedule="static", num_threads=nt):
+                    partials[b] = bce_contig_block(
+                        x, y, o, g, grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
         elif has_weight or has_pos_weight:
-            for b in prange(nb, schedule="static", num_threads=nt):
-                partials[b] = bce_weighted_block(
-                    logits, target, weight, pos_weight, has_weight, has_pos_weight,
-                    loss_out, write_loss, grad, write_grad, grad_scale,
-                    b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
-                )
+            if nt == 1:
+                for b in range(nb):
+                    partials[b] = bce_weighted_block(
+                        logits, target, weight, pos_weight, has_weight, has_pos_weight,
+                        loss_out, write_loss, grad, write_grad, grad_scale,
+                        b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
+            else:
+                for b in prange(nb, schedule="static", num_threads=nt):
+                    partials[b] = bce_weighted_block(
+                        logits, target, weight, pos_weight, has_weight, has_pos_weight,
+                        loss_out, write_loss, grad, write_grad, grad_scale,
+                        b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
         else:
-            for b in prange(nb, schedule="static", num_threads=nt):
-                partials[b] = bce_strided_block(
-                    logits, target, loss_out, write_loss, grad, write_grad,
-                    grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
-                )
+            if nt == 1:
+                for b in range(nb):
+                    partials[b] = bce_strided_block(
+                        logits, target, loss_out, write_loss, grad, write_grad,
+                        grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
+            else:
+                for b in prange(nb, schedule="static", num_threads=nt):
+                    partials[b] = bce_strided_block(
+                        logits, target, loss_out, write_loss, grad, write_grad,
+                        grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
         total = sum_partials(partials, nb)
     free(partials)
     return total
@@ -679,19 +702,35 @@ def sigmoid_focal(
         y = &target[0, 0, 0]
         o = &loss_out[0, 0, 0] if write_loss else NULL
         g = &grad[0, 0, 0] if write_grad else NULL
+    # With one thread the blocks run without an OpenMP region, because even
+    # a team of one costs libgomp about 4000 instructions per call.
     with nogil:
         if contiguous:
-            for b in prange(nb, schedule="static", num_threads=nt):
-                partials[b] = focal_contig_block(
-                    x, y, &fp, o, g, grad_scale, b * BLOCK_SIZE,
-                    min((b + 1) * BLOCK_SIZE, n),
-                )
+            if nt == 1:
+                for b in range(nb):
+                    partials[b] = focal_contig_block(
+                        x, y, &fp, o, g, grad_scale, b * BLOCK_SIZE,
+                        min((b + 1) * BLOCK_SIZE, n),
+                    )
+            else:
+                for b in prange(nb, schedule="static", num_threads=nt):
+                    partials[b] = focal_contig_block(
+                        x, y, &fp, o, g, grad_scale, b * BLOCK_SIZE,
+                        min((b + 1) * BLOCK_SIZE, n),
+                    )
         else:
-            for b in prange(nb, schedule="static", num_threads=nt):
-                partials[b] = focal_strided_block(
-                    logits, target, &fp, loss_out, write_loss, grad, write_grad,
-                    grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
-                )
+            if nt == 1:
+                for b in range(nb):
+                    partials[b] = focal_strided_block(
+                        logits, target, &fp, loss_out, write_loss, grad, write_grad,
+                        grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
+            else:
+                for b in prange(nb, schedule="static", num_threads=nt):
+                    partials[b] = focal_strided_block(
+                        logits, target, &fp, loss_out, write_loss, grad, write_grad,
+                        grad_scale, b * BLOCK_SIZE, min((b + 1) * BLOCK_SIZE, n),
+                    )
         total = sum_partials(partials, nb)
     free(partials)
     return total
