@@ -50,12 +50,12 @@
 
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, exp, expm1, log1p, pow
+from libc.math cimport INFINITY, exp, log1p
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
 from ._common cimport BLOCK_SIZE, floating, n_blocks, sum_partials, threads_for
-from ._fastmath cimport fast_exp, fast_exp_nonpos, fl_log1p
+from ._fastmath cimport fast_exp, fast_exp_nonpos, fl_exp, fl_log1p
 
 cnp.import_array()
 
@@ -284,14 +284,70 @@ cdef inline void _ce_position(
     grad_y_out[0] = scale * grad_y
 
 
-cdef inline void _focal_position(
-    double rest, double m, double z_y, double w_y, double gamma, double scale,
-    double* loss_out, double* coef_out, double* grad_y_out,
+cdef inline double _focal_q(
+    double rest, double m, double z_y, double e_y, bint y_is_max,
+    double* lp_out, double* p_t_out,
 ) noexcept nogil:
-    """Finish one kept position of the softmax focal loss.
+    """Return ``q = 1 - p_t`` of one kept position of the softmax focal loss.
 
-    ``rest``, ``m`` and ``z_y`` as in ``_ce_position``. With
-    ``lp = log p_t`` and ``q = 1 - p_t = -expm1(lp)``,
+    ``rest``, ``m``, ``z_y``, ``e_y`` and ``y_is_max`` as in ``_ce_position``.
+    Stores ``lp = log p_t`` and ``p_t``. At the argmax ``q`` is
+    ``rest / (1 + rest)``, which stays accurate as ``p_t`` nears 1; elsewhere
+    ``p_t <= 1/2`` and ``1 - p_t`` is. The term ``0 * (z_y - m)`` makes a
+    ``-inf`` max (every logit ``-inf``) give NaN, as the loss does.
+    """
+    # Subtract m before adding log1p(rest), which may be far below the
+    # rounding step of m.
+    cdef double lp = (z_y - m) - fl_log1p(rest)
+    cdef double denom = 1.0 + rest
+    cdef double p_t = e_y / denom
+
+    lp_out[0] = lp
+    p_t_out[0] = p_t
+    return rest / denom + 0.0 * (z_y - m) if y_is_max else 1.0 - p_t
+
+
+cdef inline double _focal_log_q(double rest, double p_t, bint y_is_max) noexcept nogil:
+    """Return ``log q`` for the ``q`` of ``_focal_q``: ``-log1p(1 / rest)`` at
+    the argmax (``-inf`` for ``rest = 0``), else ``log1p(-p_t)``."""
+    return -fl_log1p(1.0 / rest) if y_is_max else fl_log1p(-p_t)
+
+
+cdef inline int64_t _integer_gamma(double gamma) noexcept nogil:
+    """Return ``gamma`` as an integer when it is one in ``[1, 2**31)``, else 0.
+
+    ``q**gamma`` is then a product of squarings of ``q``
+    (``_power_by_squaring``), exact for ``gamma = 1`` and within a few ulp
+    for the others; ``gamma = 0`` and fractional ``gamma`` go elsewhere.
+    """
+    if 1.0 <= gamma < 2147483648.0 and gamma == <double><int64_t>gamma:
+        return <int64_t>gamma
+    return 0
+
+
+cdef inline double _power_by_squaring(double q, int64_t k) noexcept nogil:
+    """Return ``q**k`` for ``k >= 1``, in the order of the passes of
+    ``_focal_tile``, so that both give the same bits."""
+    cdef double result = 1.0
+    cdef double base = q
+
+    while True:
+        if k & 1:
+            result = result * base
+        k >>= 1
+        if k == 0:
+            return result
+        base = base * base
+
+
+cdef inline void _focal_finish(
+    double q, double q_gamma, double lp, double p_t, double rest, double w_y,
+    double gamma, double scale, double* loss_out, double* coef_out,
+    double* grad_y_out,
+) noexcept nogil:
+    """Finish one kept position of the softmax focal loss from
+    ``q = 1 - p_t``, ``q_gamma = q**gamma`` and ``lp = log p_t``.
+
     ``loss = -w[y] * q**gamma * lp`` and
     ``d loss / d z[k] = w[y] * F * (p[k] - [k == y])`` with
     ``F = q**gamma - gamma * p_t * lp * q**(gamma - 1)
@@ -302,26 +358,87 @@ cdef inline void _focal_position(
     which makes ``gamma = 0`` the cross-entropy). At ``p_t = 0`` (a ``-inf``
     target logit) the factor ``p_t * (-lp)`` tends to 0 and ``F = 1``.
     Stores the loss, the factor that turns ``exp(z - m)`` into the scaled
-    gradient, and the scaled gradient at ``y``.
+    gradient, and the scaled gradient at ``y``. Branch-free, so that a loop
+    over positions vectorizes.
     """
-    # Subtract m before adding log1p(rest), which may be far below the
-    # rounding step of m.
-    cdef double lp = (z_y - m) - fl_log1p(rest)
-    cdef double p_t = exp(lp)
-    cdef double q = -expm1(lp)
-    cdef double q_gamma = 1.0 if gamma == 0.0 else pow(q, gamma)
-    cdef double factor
+    cdef double ratio = -lp / q if q > 0.0 else 1.0
+    cdef double term = gamma * p_t * ratio if p_t > 0.0 else 0.0
+    cdef double factor = q_gamma * (1.0 + term)
 
-    if q > 0.0 and p_t > 0.0:
-        factor = q_gamma * (1.0 + gamma * p_t * (-lp) / q)
-    elif q == 0.0:
-        factor = q_gamma * (1.0 + gamma * p_t)
-    else:
-        # p_t == 0, or NaN, which the products below pass on.
-        factor = q_gamma
     loss_out[0] = w_y * q_gamma * (-lp)
     coef_out[0] = scale * w_y * factor / (1.0 + rest)
     grad_y_out[0] = -scale * w_y * factor * q
+
+
+cdef inline void _focal_position(
+    double rest, double m, double z_y, double e_y, bint y_is_max, double w_y,
+    double gamma, int64_t k_gamma, double scale,
+    double* loss_out, double* coef_out, double* grad_y_out,
+) noexcept nogil:
+    """Finish one kept position of the softmax focal loss, as the passes of
+    ``_focal_tile`` do; ``k_gamma`` is ``_integer_gamma(gamma)``."""
+    cdef double lp, p_t, q_gamma
+    cdef double q = _focal_q(rest, m, z_y, e_y, y_is_max, &lp, &p_t)
+
+    if gamma == 0.0:
+        q_gamma = 1.0
+    elif k_gamma > 0:
+        q_gamma = _power_by_squaring(q, k_gamma)
+    else:
+        q_gamma = fl_exp(gamma * _focal_log_q(rest, p_t, y_is_max))
+    _focal_finish(q, q_gamma, lp, p_t, rest, w_y, gamma, scale, loss_out, coef_out,
+                  grad_y_out)
+
+
+cdef void _focal_tile(
+    Py_ssize_t count, const double* rest, const floating* m, const floating* z_y,
+    const floating* e_y, const int* y_is_max, const double* w_ys, double gamma,
+    double scale, double* losses, floating* coef, floating* grad_y,
+) noexcept nogil:
+    """Finish ``count`` positions of the softmax focal loss, as
+    ``_focal_position`` does one, in passes over the positions that
+    vectorize. ``losses`` is written for every position, kept or not."""
+    cdef Py_ssize_t j
+    cdef int64_t k = _integer_gamma(gamma)
+    cdef double lp_j, p_t_j, loss_j, coef_j, grad_y_j
+    cdef double q[MAX_TILE]
+    cdef double q_gamma[MAX_TILE]
+    cdef double base[MAX_TILE]
+    cdef double lp[MAX_TILE]
+    cdef double p_t[MAX_TILE]
+
+    for j in range(count):
+        q[j] = _focal_q(rest[j], m[j], z_y[j], e_y[j], y_is_max[j], &lp_j, &p_t_j)
+        lp[j] = lp_j
+        p_t[j] = p_t_j
+
+    # q**gamma; the integer case in the order of _power_by_squaring.
+    if gamma == 0.0:
+        for j in range(count):
+            q_gamma[j] = 1.0
+    elif k > 0:
+        for j in range(count):
+            q_gamma[j] = 1.0
+            base[j] = q[j]
+        while True:
+            if k & 1:
+                for j in range(count):
+                    q_gamma[j] = q_gamma[j] * base[j]
+            k >>= 1
+            if k == 0:
+                break
+            for j in range(count):
+                base[j] = base[j] * base[j]
+    else:
+        for j in range(count):
+            q_gamma[j] = fl_exp(gamma * _focal_log_q(rest[j], p_t[j], y_is_max[j]))
+
+    for j in range(count):
+        _focal_finish(q[j], q_gamma[j], lp[j], p_t[j], rest[j], w_ys[j], gamma, scale,
+                      &loss_j, &coef_j, &grad_y_j)
+        losses[j] = loss_j
+        coef[j] = <floating>coef_j
+        grad_y[j] = <floating>grad_y_j
 
 
 cdef void _limit_at_inf_max(
@@ -492,12 +609,10 @@ cdef Py_ssize_t _ce_tile(
         _limit_at_inf_max(z, zc, n, count, w, smoothing, m, z_y, y_is_max, smooth)
 
     if pb.kind == KIND_FOCAL:
+        _focal_tile(count, rest, m, z_y, e_y, y_is_max, w_ys, pb.gamma, scale, losses,
+                    coef, grad_y)
         for j in range(count):
-            _focal_position(rest[j], m[j], z_y[j], w_ys[j], pb.gamma, scale, &loss_j,
-                            &coef_j, &grad_y_j)
-            losses[j] = loss_j if keep[j] else 0.0
-            coef[j] = <floating>coef_j
-            grad_y[j] = <floating>grad_y_j
+            losses[j] = losses[j] if keep[j] else 0.0
     else:
         for j in range(count):
             _ce_position(
@@ -596,6 +711,7 @@ cdef Py_ssize_t _ce_rows(
     cdef const floating* zr
     cdef floating* gr = scratch
     cdef floating* gk
+    cdef int64_t k_gamma = _integer_gamma(pb.gamma)
 
     for f in range(first, first + count):
         zr = z0 + o * pb.z_outer + i * pb.z_inner
@@ -652,8 +768,8 @@ cdef Py_ssize_t _ce_rows(
                 _limit_at_inf_max(zr, 1, n, 1, w, smoothing, &m_shift, &z_y,
                                   &y_is_max, &smooth)
             if pb.kind == KIND_FOCAL:
-                _focal_position(rest, m_shift, z_y, w_y, pb.gamma, pb.scale, &loss,
-                                &coef_d, &grad_y_d)
+                _focal_position(rest, m_shift, z_y, e_y, y_is_max, w_y, pb.gamma,
+                                k_gamma, pb.scale, &loss, &coef_d, &grad_y_d)
             else:
                 _ce_position(
                     rest, m_shift, z_y, e_y, y_is_max, w_y, pb.weight_total,
