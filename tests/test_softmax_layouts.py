@@ -216,3 +216,24 @@ def test_float32_accuracy_on_1e7_elements(shape):
     focal = fl.focal_loss(logits, target, gamma=2.0, reduction="sum")
     p_t = np.exp(-per)
     np.testing.assert_allclose(focal, ((1 - p_t) ** 2 * per).sum(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("loss_fn", [fl.cross_entropy, fl.focal_loss])
+@pytest.mark.parametrize("n_classes", (3, 21))
+def test_packed_gradient_in_both_orders(rng, loss_fn, n_classes):
+    # Strided positions take the packed tiles. Their gradient is copied back
+    # position by position where a position's classes are contiguous (a
+    # channels-last grad_out) and class by class otherwise (a fresh array).
+    logits = rng.standard_normal((3, n_classes, 35)) * 3
+    target = rng.integers(0, n_classes, (3, 35))
+    strided = np.zeros((3, n_classes, 70))
+    strided[..., ::2] = logits
+    x = strided[..., ::2]
+    expected_loss, expected_grad = loss_fn(np.ascontiguousarray(x), target,
+                                           return_grad=True)
+    loss, grad = loss_fn(x, target, return_grad=True)
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+    channels_last = np.empty((3, 35, n_classes)).transpose(0, 2, 1)
+    loss_fn(x, target, grad_out=channels_last)
+    np.testing.assert_array_equal(channels_last, expected_grad)
