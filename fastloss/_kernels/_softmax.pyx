@@ -20,9 +20,10 @@
 #    classes, strided) is copied into a class-major buffer and back. Every
 #    layout runs the same arithmetic and gives the same bits.
 #
-# The class-probability cross-entropy still goes one position at a time:
-# ``_shifted_exps`` (max, argmax and the sum of ``exp(z - max)`` over the
-# other classes, with libm's exp), then ``_ce_probs_one``, in ``_run_block``.
+# The class-probability cross-entropy runs ``_ce_probs_tile`` on the same
+# tiles, in place when positions are contiguous in the logits, the targets
+# and the gradient, and packed (targets too) otherwise. It has no row kernel
+# yet, so rows of many contiguous classes are packed as well.
 #
 # ``_run`` and the ``def`` kernels: the blocks in parallel (prange), or in a
 # plain loop when one thread suffices, and the fixed-order combination of
@@ -50,7 +51,7 @@
 
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, exp, log1p
+from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
@@ -97,59 +98,6 @@ cdef struct Problem:
     bint want_losses
 
 
-cdef inline double _shifted_exps(
-    const floating* z, Py_ssize_t zc, Py_ssize_t n,
-    floating* g, Py_ssize_t gc, Py_ssize_t* top_out, double* max_out,
-) noexcept nogil:
-    """Return ``sum(exp(z[c] - max))`` over every class but the argmax.
-
-    Leaving out the argmax, whose term is exactly 1, lets the caller take
-    ``log1p`` of the result: ``1 - p_t`` stays accurate as ``p_t`` nears 1.
-    NaN logits never win the max but make the sum NaN, so NaN propagates.
-    When ``g`` is not NULL, ``g[c]`` receives ``exp(z[c] - max)``. For a
-    ``+inf`` max that is the limit, as ``_shift_from_max`` gives it: 1 for
-    every ``+inf`` logit, which share the probability, and 0 for the others.
-    """
-    cdef Py_ssize_t c, top = 0
-    cdef double m = z[0]
-    cdef double e
-    cdef double rest = 0.0
-
-    for c in range(1, n):
-        if z[c * zc] > m:
-            m = z[c * zc]
-            top = c
-    top_out[0] = top
-    max_out[0] = m
-
-    if m == INFINITY:
-        # Rare, so kept out of the loops below: there exp(inf - inf) is NaN.
-        for c in range(n):
-            e = exp(_shift_from_max(z[c * zc], m))
-            if g != NULL:
-                g[c * gc] = <floating>e
-            if c != top:
-                rest += e
-        return rest
-
-    if g != NULL:
-        for c in range(top):
-            e = exp(z[c * zc] - m)
-            g[c * gc] = <floating>e
-            rest += e
-        g[top * gc] = 1
-        for c in range(top + 1, n):
-            e = exp(z[c * zc] - m)
-            g[c * gc] = <floating>e
-            rest += e
-    else:
-        for c in range(top):
-            rest += exp(z[c * zc] - m)
-        for c in range(top + 1, n):
-            rest += exp(z[c * zc] - m)
-    return rest
-
-
 cdef inline double _shift_from_max(double z, double m) noexcept nogil:
     """Return ``z - m`` for the max ``m`` of a position's logits.
 
@@ -159,45 +107,6 @@ cdef inline double _shift_from_max(double z, double m) noexcept nogil:
     if m == INFINITY and z == m:
         return 0.0
     return z - m
-
-
-cdef inline double _ce_probs_one(
-    const floating* z, Py_ssize_t zc, Py_ssize_t n,
-    const floating* t, Py_ssize_t tc,
-    const floating* w, double smoothing, double scale,
-    floating* g, Py_ssize_t gc,
-) noexcept nogil:
-    """Return the cross-entropy of one position with class probabilities ``t``.
-
-    ``loss = -sum_c a[c] * lp[c]`` with ``a[c] = w[c] * ((1 - eps) * t[c] +
-    eps / C)``, and ``d loss / d z[k] = A * p[k] - a[k]``, ``A = sum a``.
-    PyTorch computes ``0 * -inf = nan`` for a ``-inf`` logit whose ``a[c]``
-    is 0; this kernel leaves such a class out and returns the limit. A class
-    of zero target mass (``t'[c] = 0``) is left out whatever its weight, so
-    a NaN or inf weight there costs nothing, as for class-index targets.
-    """
-    cdef Py_ssize_t c, top
-    cdef double m, rest, log_rest, a, a_total, loss, coef
-    cdef double keep = 1.0 - smoothing
-    cdef double eps_c = smoothing / n
-
-    rest = _shifted_exps(z, zc, n, g, gc, &top, &m)
-    log_rest = log1p(rest)
-
-    loss = 0.0
-    a_total = 0.0
-    for c in range(n):
-        a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
-        a_total += a
-        if a != 0.0:
-            loss += a * (log_rest - _shift_from_max(z[c * zc], m))
-
-    if g != NULL:
-        coef = scale * a_total / (1.0 + rest)
-        for c in range(n):
-            a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
-            g[c * gc] = <floating>(coef * g[c * gc] - scale * a)
-    return loss
 
 
 cdef inline double _class_coefficient(double w_c, double mass) noexcept nogil:
@@ -651,6 +560,131 @@ cdef Py_ssize_t _ce_tile(
     return bad
 
 
+cdef void _ce_probs_tile(
+    const floating* z, Py_ssize_t zc, const floating* t, Py_ssize_t tc,
+    floating* g, Py_ssize_t gc, Py_ssize_t inner, Py_ssize_t count, Py_ssize_t first,
+    const Problem* pb, double* loss_acc,
+    floating* l, Py_ssize_t l_outer, Py_ssize_t l_inner,
+) noexcept nogil:
+    """Process the ``count`` positions from flat index ``first`` on of the
+    cross-entropy with class probabilities ``t``.
+
+    ``z``, ``g`` and ``t`` are class-major as in ``_ce_tile``, whose max and
+    exp passes this repeats. Then, with ``a[c] = w[c] * ((1 - eps) * t[c] +
+    eps / C)`` and ``A = sum a``: ``loss = -sum_c a[c] * lp[c]`` and
+    ``d loss / d z[k] = A * p[k] - a[k]``. PyTorch computes
+    ``0 * -inf = nan`` for a ``-inf`` logit whose ``a[c]`` is 0; this kernel
+    leaves such a class out and returns the limit. A class of zero target
+    mass is left out whatever its weight, so a NaN or inf weight there costs
+    nothing, as for class-index targets. At a ``+inf`` max the exps are the
+    limit, 1 for each ``+inf`` logit and 0 for the others, and ``z - m`` is 0
+    for a ``+inf`` logit. Every pass loops over the positions inside, so
+    that it vectorizes. Losses are added to ``loss_acc`` in position order.
+    """
+    cdef Py_ssize_t n = pb.n_classes
+    cdef const floating* w = <const floating*>pb.weight
+    cdef double keep_mass = 1.0 - pb.smoothing
+    cdef double eps_c = pb.smoothing / n
+    cdef double scale = pb.scale
+    cdef Py_ssize_t j, c, o, i
+    cdef floating v, e, mj
+    cdef double wc, a, shift
+    cdef int is_max
+    cdef floating m[MAX_TILE]
+    cdef floating lanes[LANES * MAX_TILE]
+    cdef int n_max[MAX_TILE]
+    cdef double rest[MAX_TILE]
+    cdef double log_rest[MAX_TILE]
+    cdef double a_total[MAX_TILE]
+    cdef double losses[MAX_TILE]
+    cdef const floating* zrow
+    cdef const floating* trow
+    cdef floating* grow
+    cdef floating* rl
+
+    # Max over the classes, as in _ce_tile.
+    for j in range(count):
+        m[j] = z[j]
+    for c in range(1, n):
+        zrow = z + c * zc
+        for j in range(count):
+            v = zrow[j]
+            mj = m[j]
+            m[j] = v if v > mj else mj
+
+    # exp(z - m), in the gradient when there is one, summed in the lanes
+    # of _ce_tile over every class but one at the max.
+    for c in range(LANES):
+        rl = lanes + c * MAX_TILE
+        for j in range(count):
+            rl[j] = 0
+    for j in range(count):
+        n_max[j] = 0
+    for c in range(n):
+        zrow = z + c * zc
+        rl = lanes + (c % LANES) * MAX_TILE
+        if g != NULL:
+            grow = g + c * gc
+            for j in range(count):
+                v = zrow[j]
+                e = fast_exp_nonpos(v - m[j])
+                is_max = v == m[j]
+                n_max[j] += is_max
+                grow[j] = 1 if is_max else e
+                rl[j] += 0 if is_max else e
+        else:
+            for j in range(count):
+                v = zrow[j]
+                e = fast_exp_nonpos(v - m[j])
+                is_max = v == m[j]
+                n_max[j] += is_max
+                rl[j] += 0 if is_max else e
+    # Every logit -inf: there z - m is NaN, and so are the loss and the
+    # gradient. A NaN max (n_max = 0) makes rest NaN through its terms.
+    for j in range(count):
+        rest[j] = _sum_lanes(lanes + j, MAX_TILE) + (n_max[j] - 1)
+        rest[j] = NAN if m[j] == -INFINITY else rest[j]
+        log_rest[j] = fl_log1p(rest[j])
+        a_total[j] = 0.0
+        losses[j] = 0.0
+
+    # loss = sum_c a[c] * (log_rest - (z[c] - m)), in class order.
+    for c in range(n):
+        zrow = z + c * zc
+        trow = t + c * tc
+        wc = w[c]
+        for j in range(count):
+            a = _class_coefficient(wc, keep_mass * trow[j] + eps_c)
+            a_total[j] += a
+            v = zrow[j]
+            shift = 0.0 if (v == m[j] and v == INFINITY) else <double>v - m[j]
+            losses[j] += a * (log_rest[j] - shift) if a != 0.0 else 0.0
+
+    for j in range(count):
+        loss_acc[0] += losses[j]
+    if l != NULL:
+        o = first // inner
+        i = first - o * inner
+        for j in range(count):
+            l[o * l_outer + i * l_inner] = <floating>losses[j]
+            i += 1
+            if i == inner:
+                i = 0
+                o += 1
+
+    if g != NULL:
+        # The scaled A / (1 + rest), kept in a_total.
+        for j in range(count):
+            a_total[j] = scale * a_total[j] / (1.0 + rest[j])
+        for c in range(n):
+            grow = g + c * gc
+            trow = t + c * tc
+            wc = w[c]
+            for j in range(count):
+                a = _class_coefficient(wc, keep_mass * trow[j] + eps_c)
+                grow[j] = <floating>(a_total[j] * grow[j] - scale * a)
+
+
 cdef inline floating _row_max(const floating* z, Py_ssize_t n, floating* work) noexcept nogil:
     """Return the max of ``z[0:n]``, using ``work[0:n // 2]`` as scratch.
 
@@ -828,6 +862,9 @@ cdef void _run_block_tiles(
     cdef floating* g = NULL
     cdef floating* z_buf = NULL
     cdef floating* g_buf = NULL
+    cdef floating* t_buf = NULL
+    cdef bint probs = pb.kind == KIND_CE_PROBS
+    cdef const floating* t0 = <const floating*>pb.probs
 
     if pb.layout == LAYOUT_ROWS:
         # A row for the exps when there is no gradient to hold them, and the
@@ -854,9 +891,12 @@ cdef void _run_block_tiles(
     if packed:
         z_buf = <floating*>malloc(tile * n * sizeof(floating))
         g_buf = <floating*>malloc(tile * n * sizeof(floating))
-        if z_buf == NULL or g_buf == NULL:
+        if probs:
+            t_buf = <floating*>malloc(tile * n * sizeof(floating))
+        if z_buf == NULL or g_buf == NULL or (probs and t_buf == NULL):
             free(z_buf)
             free(g_buf)
+            free(t_buf)
             bad_out[0] = -2
             return
 
@@ -869,7 +909,30 @@ cdef void _run_block_tiles(
         if count > pb.inner - i:
             count = pb.inner - i
 
-        if packed:
+        if probs and packed:
+            _pack_tile(z0 + o * pb.z_outer + i * pb.z_inner, pb.z_class, pb.z_inner,
+                       n, count, z_buf, tile)
+            _pack_tile(t0 + o * pb.t_outer + i * pb.t_inner, pb.t_class, pb.t_inner,
+                       n, count, t_buf, tile)
+            _ce_probs_tile(
+                z_buf, tile, t_buf, tile, g_buf if pb.want_grad else NULL, tile,
+                pb.inner, count, f, pb, &loss_acc,
+                <floating*>pb.losses if pb.want_losses else NULL, pb.l_outer, pb.l_inner,
+            )
+            if pb.want_grad:
+                _unpack_tile(g_buf, tile, <floating*>pb.grad + o * pb.g_outer
+                             + i * pb.g_inner, pb.g_class, pb.g_inner, n, count)
+            b = -1
+        elif probs:
+            if pb.want_grad:
+                g = <floating*>pb.grad + o * pb.g_outer + i
+            _ce_probs_tile(
+                z0 + o * pb.z_outer + i, pb.z_class, t0 + o * pb.t_outer + i, pb.t_class,
+                g, pb.g_class, pb.inner, count, f, pb, &loss_acc,
+                <floating*>pb.losses if pb.want_losses else NULL, pb.l_outer, pb.l_inner,
+            )
+            b = -1
+        elif packed:
             _pack_tile(z0 + o * pb.z_outer + i * pb.z_inner, pb.z_class, pb.z_inner,
                        n, count, z_buf, tile)
             if pb.want_grad:
@@ -895,6 +958,7 @@ cdef void _run_block_tiles(
 
     free(z_buf)
     free(g_buf)
+    free(t_buf)
     loss_out[0] = loss_acc
     weight_out[0] = weight_acc
     bad_out[0] = bad
@@ -975,46 +1039,6 @@ cdef void _unpack_tile(
             dst[j * g_inner] = src[j]
 
 
-cdef void _run_block(
-    const floating* z0, const Problem* pb, Py_ssize_t start, Py_ssize_t stop,
-    double* loss_out, double* weight_out, Py_ssize_t* bad_out,
-) noexcept nogil:
-    """Process positions ``start:stop`` of the class-probability cross-entropy
-    and store their sums."""
-    cdef Py_ssize_t n = pb.n_classes
-    cdef Py_ssize_t o = start // pb.inner
-    cdef Py_ssize_t i = start - o * pb.inner
-    cdef Py_ssize_t f
-    cdef double loss
-    cdef double loss_acc = 0.0
-    cdef const floating* w = <const floating*>pb.weight
-    cdef const floating* t0 = <const floating*>pb.probs
-    cdef floating* g0 = <floating*>pb.grad
-    cdef floating* l0 = <floating*>pb.losses
-    cdef const floating* z
-    cdef floating* g = NULL
-
-    for f in range(start, stop):
-        z = z0 + o * pb.z_outer + i * pb.z_inner
-        if pb.want_grad:
-            g = g0 + o * pb.g_outer + i * pb.g_inner
-        loss = _ce_probs_one(
-            z, pb.z_class, n, t0 + o * pb.t_outer + i * pb.t_inner, pb.t_class,
-            w, pb.smoothing, pb.scale, g, pb.g_class,
-        )
-        loss_acc += loss
-        if pb.want_losses:
-            l0[o * pb.l_outer + i * pb.l_inner] = <floating>loss
-        i += 1
-        if i == pb.inner:
-            i = 0
-            o += 1
-
-    loss_out[0] = loss_acc
-    weight_out[0] = 0.0
-    bad_out[0] = -1
-
-
 cdef inline void _run_one_block(
     const floating* z0, const Problem* pb, Py_ssize_t n_positions, Py_ssize_t b,
     Py_ssize_t nb, double* parts, Py_ssize_t* bads,
@@ -1024,10 +1048,7 @@ cdef inline void _run_one_block(
 
     if stop > n_positions:
         stop = n_positions
-    if pb.kind != KIND_CE_PROBS:
-        _run_block_tiles(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
-    else:
-        _run_block(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
+    _run_block_tiles(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
 
 
 cdef tuple _run(const floating* z0, const Problem* pb, Py_ssize_t n_positions,
@@ -1263,6 +1284,15 @@ def cross_entropy_probs(
     _set_losses(&pb, losses, want_losses)
     pb.smoothing = smoothing
     pb.scale = scale
+    pb.y_outer = 0
+    pb.y_inner = 0
+    _flatten_single_row(&pb, logits.shape[0])
+    # No row kernel for probabilities yet: rows of many contiguous classes
+    # are packed into tiles as well.
+    pb.layout = LAYOUT_PACKED
+    if (pb.inner > 1 and pb.z_inner == 1 and pb.t_inner == 1
+            and (not pb.want_grad or pb.g_inner == 1)):
+        pb.layout = LAYOUT_TILES
     result = _run(&logits[0, 0, 0], &pb, n_positions, n_threads)
     return result[0], float(n_positions), -1
 
