@@ -318,3 +318,18 @@ def test_probs_limits_at_infinite_logits():
         expected = -0.5 * (1.0 - np.log(np.e + np.e**2)) - 0.5 * (2.0 - np.log(np.e + np.e**2))
         np.testing.assert_allclose(losses[2], expected, rtol=1e-14)
         assert grad[2, 0] == 0.0
+
+
+@pytest.mark.parametrize("n_classes", (5, ROW_MIN_CLASSES))
+def test_probs_thread_counts_bit_identical(rng, n_classes):
+    # Packed tiles and rows over several blocks of 4096 positions.
+    logits = rng.standard_normal((9000, n_classes))
+    probs = rng.random((9000, n_classes))
+    results = [
+        fl.cross_entropy(logits, probs, label_smoothing=0.05, return_grad=True,
+                         n_threads=n)
+        for n in THREAD_COUNTS
+    ]
+    for loss, grad in results[1:]:
+        assert loss == results[0][0]
+        np.testing.assert_array_equal(grad, results[0][1])

@@ -22,8 +22,9 @@
 #
 # The class-probability cross-entropy runs ``_ce_probs_tile`` on the same
 # tiles, in place when positions are contiguous in the logits, the targets
-# and the gradient, and packed (targets too) otherwise. It has no row kernel
-# yet, so rows of many contiguous classes are packed as well.
+# and the gradient, and packed (targets too) otherwise, and
+# ``_ce_probs_rows`` on rows of at least ROW_MIN_CLASSES classes contiguous
+# in all three.
 #
 # ``_run`` and the ``def`` kernels: the blocks in parallel (prange), or in a
 # plain loop when one thread suffices, and the fixed-order combination of
@@ -127,7 +128,9 @@ cdef enum:
 # going to lane c % LANES, which _sum_lanes adds in a fixed tree. That is
 # the order of a loop that runs along a row of contiguous classes in
 # vectors (_ce_rows), and the class-major tiles (_ce_tile) add in the same
-# order, so that both give the same bits. From ROW_MIN_CLASSES classes on,
+# order, so that both give the same bits. The class-probability kernels
+# (_ce_probs_rows, _ce_probs_tile) sum their loss terms and their ``A`` in
+# LANES double lanes the same way. From ROW_MIN_CLASSES classes on,
 # rows of contiguous classes run in place in _ce_rows; below, they are
 # transposed tile by tile into class-major buffers for _ce_tile, whose loops
 # then run over many positions instead of a few classes.
@@ -144,6 +147,15 @@ cdef inline double _sum_lanes(const floating* a, Py_ssize_t s) noexcept nogil:
         + ((a[4 * s] + a[5 * s]) + (a[6 * s] + a[7 * s]))
     )
     return total
+
+
+cdef inline double _sum_lanes_double(const double* a, Py_ssize_t s) noexcept nogil:
+    """Return the sum of ``a[k * s]`` for ``k < LANES`` in the tree of
+    ``_sum_lanes``."""
+    return (
+        ((a[0] + a[s]) + (a[2 * s] + a[3 * s]))
+        + ((a[4 * s] + a[5 * s]) + (a[6 * s] + a[7 * s]))
+    )
 
 
 cdef inline void _ce_position(
@@ -579,7 +591,8 @@ cdef void _ce_probs_tile(
     nothing, as for class-index targets. At a ``+inf`` max the exps are the
     limit, 1 for each ``+inf`` logit and 0 for the others, and ``z - m`` is 0
     for a ``+inf`` logit. Every pass loops over the positions inside, so
-    that it vectorizes. Losses are added to ``loss_acc`` in position order.
+    that it vectorizes. The sums over the classes go to LANES lanes, as in
+    ``_ce_probs_rows``. Losses are added to ``loss_acc`` in position order.
     """
     cdef Py_ssize_t n = pb.n_classes
     cdef const floating* w = <const floating*>pb.weight
@@ -597,6 +610,10 @@ cdef void _ce_probs_tile(
     cdef double log_rest[MAX_TILE]
     cdef double a_total[MAX_TILE]
     cdef double losses[MAX_TILE]
+    cdef double a_lanes[LANES * MAX_TILE]
+    cdef double loss_lanes[LANES * MAX_TILE]
+    cdef double* al
+    cdef double* ll
     cdef const floating* zrow
     cdef const floating* trow
     cdef floating* grow
@@ -645,20 +662,31 @@ cdef void _ce_probs_tile(
         rest[j] = _sum_lanes(lanes + j, MAX_TILE) + (n_max[j] - 1)
         rest[j] = NAN if m[j] == -INFINITY else rest[j]
         log_rest[j] = fl_log1p(rest[j])
-        a_total[j] = 0.0
-        losses[j] = 0.0
 
-    # loss = sum_c a[c] * (log_rest - (z[c] - m)), in class order.
+    # loss = sum_c a[c] * (log_rest - (z[c] - m)) and A = sum_c a[c], each
+    # in LANES partial sums (class c to lane c % LANES), as _ce_probs_rows
+    # adds along a row.
+    for c in range(LANES):
+        al = a_lanes + c * MAX_TILE
+        ll = loss_lanes + c * MAX_TILE
+        for j in range(count):
+            al[j] = 0.0
+            ll[j] = 0.0
     for c in range(n):
         zrow = z + c * zc
         trow = t + c * tc
+        al = a_lanes + (c % LANES) * MAX_TILE
+        ll = loss_lanes + (c % LANES) * MAX_TILE
         wc = w[c]
         for j in range(count):
             a = _class_coefficient(wc, keep_mass * trow[j] + eps_c)
-            a_total[j] += a
+            al[j] += a
             v = zrow[j]
             shift = 0.0 if (v == m[j] and v == INFINITY) else <double>v - m[j]
-            losses[j] += a * (log_rest[j] - shift) if a != 0.0 else 0.0
+            ll[j] += a * (log_rest[j] - shift) if a != 0.0 else 0.0
+    for j in range(count):
+        a_total[j] = _sum_lanes_double(a_lanes + j, MAX_TILE)
+        losses[j] = _sum_lanes_double(loss_lanes + j, MAX_TILE)
 
     for j in range(count):
         loss_acc[0] += losses[j]
@@ -835,6 +863,107 @@ cdef Py_ssize_t _ce_rows(
     return bad
 
 
+cdef void _ce_probs_rows(
+    const floating* z0, floating* g0, Py_ssize_t first, Py_ssize_t count,
+    const Problem* pb, floating* scratch, double* a_row, double* terms,
+    double* loss_acc,
+) noexcept nogil:
+    """Process the ``count`` positions from flat index ``first`` on of the
+    cross-entropy with class probabilities, row by row.
+
+    Each position's classes are contiguous in the logits, the targets and
+    the gradient, which are read and written in place by loops along the
+    row that vectorize. The arithmetic and its order are those of
+    ``_ce_probs_tile``, lanes included, so both give the same bits. The
+    exps go to the gradient, or to ``scratch`` without one. ``a_row`` and
+    ``terms`` are scratch rows of ``C`` doubles.
+    """
+    cdef Py_ssize_t n = pb.n_classes
+    cdef Py_ssize_t n_full = n - n % LANES
+    cdef const floating* w = <const floating*>pb.weight
+    cdef const floating* t0 = <const floating*>pb.probs
+    cdef floating* l0 = <floating*>pb.losses if pb.want_losses else NULL
+    cdef double keep_mass = 1.0 - pb.smoothing
+    cdef double eps_c = pb.smoothing / n
+    cdef double scale = pb.scale
+    cdef Py_ssize_t o = first // pb.inner
+    cdef Py_ssize_t i = first - o * pb.inner
+    cdef Py_ssize_t f, c, k, chunk
+    cdef int n_max, is_max
+    cdef floating mx, v, e
+    cdef floating acc[LANES]
+    cdef double a_acc[LANES]
+    cdef double loss_acc_lanes[LANES]
+    cdef double a, shift, rest, log_rest, a_total, loss, coef
+    cdef const floating* zr
+    cdef const floating* tr
+    cdef floating* gr = scratch
+    cdef floating* gk
+
+    for f in range(first, first + count):
+        zr = z0 + o * pb.z_outer + i * pb.z_inner
+        tr = t0 + o * pb.t_outer + i * pb.t_inner
+        if g0 != NULL:
+            gr = g0 + o * pb.g_outer + i * pb.g_inner
+        mx = _row_max(zr, n, gr)
+
+        # exp(z - m), 0 at the classes at the max, and its lane sums, as in
+        # _ce_rows.
+        n_max = 0
+        for c in range(n):
+            v = zr[c]
+            e = fast_exp_nonpos(v - mx)
+            is_max = v == mx
+            n_max += is_max
+            gr[c] = 0 if is_max else e
+        for k in range(LANES):
+            acc[k] = 0
+        for c in range(n_full // LANES):
+            gk = gr + c * LANES
+            for k in range(LANES):
+                acc[k] += gk[k]
+        for c in range(n_full, n):
+            acc[c - n_full] += gr[c]
+        rest = _sum_lanes(acc, 1) + (n_max - 1)
+        rest = NAN if mx == -INFINITY else rest
+        log_rest = fl_log1p(rest)
+
+        # a[c] and the loss terms first, then their lane sums in chunks of
+        # LANES classes: both loops vectorize along the row.
+        for c in range(n):
+            a = _class_coefficient(w[c], keep_mass * tr[c] + eps_c)
+            v = zr[c]
+            shift = 0.0 if (v == mx and v == INFINITY) else <double>v - mx
+            a_row[c] = a
+            terms[c] = a * (log_rest - shift) if a != 0.0 else 0.0
+        for k in range(LANES):
+            a_acc[k] = 0.0
+            loss_acc_lanes[k] = 0.0
+        for chunk in range(n_full // LANES):
+            c = chunk * LANES
+            for k in range(LANES):
+                a_acc[k] += a_row[c + k]
+                loss_acc_lanes[k] += terms[c + k]
+        for c in range(n_full, n):
+            a_acc[c - n_full] += a_row[c]
+            loss_acc_lanes[c - n_full] += terms[c]
+        a_total = _sum_lanes_double(a_acc, 1)
+        loss = _sum_lanes_double(loss_acc_lanes, 1)
+
+        loss_acc[0] += loss
+        if l0 != NULL:
+            l0[o * pb.l_outer + i * pb.l_inner] = <floating>loss
+        if g0 != NULL:
+            coef = scale * a_total / (1.0 + rest)
+            for c in range(n):
+                e = 1 if zr[c] == mx else gr[c]
+                gr[c] = <floating>(coef * e - scale * a_row[c])
+        i += 1
+        if i == pb.inner:
+            i = 0
+            o += 1
+
+
 cdef void _run_block_tiles(
     const floating* z0, const Problem* pb, Py_ssize_t start, Py_ssize_t stop,
     double* loss_out, double* weight_out, Py_ssize_t* bad_out,
@@ -863,6 +992,7 @@ cdef void _run_block_tiles(
     cdef floating* z_buf = NULL
     cdef floating* g_buf = NULL
     cdef floating* t_buf = NULL
+    cdef double* row_buf = NULL
     cdef bint probs = pb.kind == KIND_CE_PROBS
     cdef const floating* t0 = <const floating*>pb.probs
 
@@ -875,10 +1005,22 @@ cdef void _run_block_tiles(
             return
         for c in range(n):
             z_buf[n + c] = <floating>(pb.scale * (pb.smoothing / n) * w[c])
-        bad = _ce_rows(
-            z0, <floating*>pb.grad if pb.want_grad else NULL, start, stop - start,
-            pb, z_buf, z_buf + n, &loss_acc, &weight_acc,
-        )
+        if probs:
+            row_buf = <double*>malloc(2 * n * sizeof(double))
+            if row_buf == NULL:
+                free(z_buf)
+                bad_out[0] = -2
+                return
+            _ce_probs_rows(
+                z0, <floating*>pb.grad if pb.want_grad else NULL, start, stop - start,
+                pb, z_buf, row_buf, row_buf + n, &loss_acc,
+            )
+            free(row_buf)
+        else:
+            bad = _ce_rows(
+                z0, <floating*>pb.grad if pb.want_grad else NULL, start, stop - start,
+                pb, z_buf, z_buf + n, &loss_acc, &weight_acc,
+            )
         free(z_buf)
         loss_out[0] = loss_acc
         weight_out[0] = weight_acc
@@ -1287,12 +1429,14 @@ def cross_entropy_probs(
     pb.y_outer = 0
     pb.y_inner = 0
     _flatten_single_row(&pb, logits.shape[0])
-    # No row kernel for probabilities yet: rows of many contiguous classes
-    # are packed into tiles as well.
+    # The layouts of _choose_layout, with the targets' strides too.
     pb.layout = LAYOUT_PACKED
     if (pb.inner > 1 and pb.z_inner == 1 and pb.t_inner == 1
             and (not pb.want_grad or pb.g_inner == 1)):
         pb.layout = LAYOUT_TILES
+    elif (pb.n_classes >= ROW_MIN_CLASSES and pb.z_class == 1 and pb.t_class == 1
+          and (not pb.want_grad or pb.g_class == 1)):
+        pb.layout = LAYOUT_ROWS
     result = _run(&logits[0, 0, 0], &pb, n_positions, n_threads)
     return result[0], float(n_positions), -1
 
