@@ -61,6 +61,7 @@ def classification_calls(rng, dtype):
         yield fl.cross_entropy, (np.moveaxis(logits, 1, -1), target), {"axis": -1}
         yield fl.focal_loss, (logits, target), {"gamma": 2.0}
         yield fl.focal_loss, (logits, target), {"gamma": 1.5, "reduction": "sum"}
+        yield fl.focal_loss, (special(logits), target), {"gamma": 3.0, "reduction": "none"}
         binary = (rng.random(shape) < 0.3).astype(dtype)
         yield fl.binary_cross_entropy_with_logits, (logits, binary), {}
         pos_weight = (rng.random(shape[-1]) * 3).astype(dtype)

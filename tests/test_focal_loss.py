@@ -309,3 +309,68 @@ def test_bad_input_raises(rng, kwargs, error, pattern):
     args.update(kwargs)
     with pytest.raises(error, match=pattern):
         fl.focal_loss(args.pop("logits"), args.pop("target"), **args)
+
+
+def mpmath_focal(row, y, gamma):
+    """Return the loss and gradient of one position in 50-digit arithmetic."""
+    mpmath = pytest.importorskip("mpmath")
+    with mpmath.workdps(50):
+        z = [mpmath.mpf(float(v)) for v in row]
+        total = mpmath.fsum(mpmath.exp(v) for v in z)
+        p = [mpmath.exp(v) / total for v in z]
+        q = mpmath.fsum(p[k] for k in range(len(z)) if k != y)
+        lp = mpmath.log(p[y])
+        g = mpmath.mpf(gamma)
+        loss = -(q**g) * lp
+        factor = q**g * (1 + g * p[y] * (-lp) / q)
+        grad = [factor * (p[k] - (k == y)) for k in range(len(z))]
+    return float(loss), np.array([float(v) for v in grad])
+
+
+# Integer gammas take products of q, the others exp(gamma * log q). C = 64
+# runs the in-place row kernel and C = 5 the class-major tiles.
+@pytest.mark.parametrize("gamma", (1.0, 2.0, 3.0, 7.0, 0.25, 1.5, 2.5, 6.3))
+@pytest.mark.parametrize("n_classes", (5, 64))
+def test_float64_matches_mpmath(rng, gamma, n_classes):
+    logits = rng.standard_normal((40, n_classes)) * 3
+    target = rng.integers(0, n_classes, 40)
+    # p_t near 1 and near 0, where q**gamma and log p_t lose digits first.
+    logits[0, target[0]] = 40.0
+    logits[1, target[1]] = 15.0
+    logits[2, target[2]] = -60.0
+    logits[3] = 0.0
+    loss, grad = fl.focal_loss(logits, target, gamma=gamma, reduction="none",
+                               return_grad=True)
+    for j in range(len(target)):
+        expected_loss, expected_grad = mpmath_focal(logits[j], target[j], gamma)
+        np.testing.assert_allclose(loss[j], expected_loss, rtol=1e-13, atol=1e-300)
+        np.testing.assert_allclose(grad[j], expected_grad, rtol=1e-12,
+                                   atol=1e-15 * np.abs(expected_grad).max())
+
+
+@pytest.mark.parametrize("gamma", (2.0**31 - 1.0, 2.0**31, 3.0 - 2.0**-40, 3.0))
+def test_large_and_near_integer_gamma(rng, gamma):
+    # Both sides of the integer threshold, and a gamma just below an
+    # integer, against the float64 reference.
+    logits = rng.standard_normal((50, 4))
+    target = rng.integers(0, 4, 50)
+    logits[np.arange(50), target] += 25.0 if gamma > 100 else 0.0
+    loss = fl.focal_loss(logits, target, gamma=gamma, reduction="none")
+    expected = reference_focal(logits, target, gamma, reduction="none")
+    np.testing.assert_allclose(loss, expected, rtol=1e-9, atol=1e-300)
+
+
+@pytest.mark.parametrize("gamma", (2.0, 3.0, 1.5))
+def test_rows_match_tiles(rng, gamma):
+    # C = 48 reads rows in place, and the same classes strided go through
+    # class-major tiles. Both must give the same bits.
+    logits = rng.standard_normal((300, 48)) * 4
+    target = rng.integers(0, 48, 300)
+    loss_rows, grad_rows = fl.focal_loss(logits, target, gamma=gamma,
+                                         reduction="none", return_grad=True)
+    wide = np.zeros((300, 96))
+    wide[:, ::2] = logits
+    loss_tiles, grad_tiles = fl.focal_loss(wide[:, ::2], target, gamma=gamma,
+                                           reduction="none", return_grad=True)
+    np.testing.assert_array_equal(loss_rows, loss_tiles)
+    np.testing.assert_array_equal(grad_rows, grad_tiles)

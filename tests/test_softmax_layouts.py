@@ -1,4 +1,4 @@
-"""Class-index cross-entropy and focal loss across the kernel's layouts.
+"""Cross-entropy and focal loss across the kernel's layouts.
 
 The class-index kernels walk their arrays in three ways. Class-major tiles
 are read in place when positions are contiguous (F-order ``(N, C)``, class
@@ -6,7 +6,9 @@ axis 1 of ``(N, C, d)``). Tiles are copied to a class-major buffer for
 C-order ``(N, C)`` or channels-last logits with fewer than 48 classes, and
 for strided arrays. Rows are read in place when at least 48 classes are
 contiguous. All of them add a position's exps in the same order, so every
-layout gives the same bits.
+layout gives the same bits. The class-probability kernel uses the tiles
+alone: in place when positions are contiguous in the logits, the targets
+and the gradient, packed otherwise.
 """
 
 import numpy as np
@@ -216,3 +218,118 @@ def test_float32_accuracy_on_1e7_elements(shape):
     focal = fl.focal_loss(logits, target, gamma=2.0, reduction="sum")
     p_t = np.exp(-per)
     np.testing.assert_allclose(focal, ((1 - p_t) ** 2 * per).sum(), rtol=2e-6)
+
+
+@pytest.mark.parametrize("loss_fn", [fl.cross_entropy, fl.focal_loss])
+@pytest.mark.parametrize("n_classes", (3, 21))
+def test_packed_gradient_in_both_orders(rng, loss_fn, n_classes):
+    # Strided positions take the packed tiles. Their gradient is copied back
+    # position by position where a position's classes are contiguous (a
+    # channels-last grad_out) and class by class otherwise (a fresh array).
+    logits = rng.standard_normal((3, n_classes, 35)) * 3
+    target = rng.integers(0, n_classes, (3, 35))
+    strided = np.zeros((3, n_classes, 70))
+    strided[..., ::2] = logits
+    x = strided[..., ::2]
+    expected_loss, expected_grad = loss_fn(np.ascontiguousarray(x), target,
+                                           return_grad=True)
+    loss, grad = loss_fn(x, target, return_grad=True)
+    assert loss == expected_loss
+    np.testing.assert_array_equal(grad, expected_grad)
+    channels_last = np.empty((3, 35, n_classes)).transpose(0, 2, 1)
+    loss_fn(x, target, grad_out=channels_last)
+    np.testing.assert_array_equal(channels_last, expected_grad)
+
+
+def reference_probs(logits, probs, weight, smoothing):
+    """Float64 per-row cross-entropy and sum gradient with class probabilities."""
+    x = np.asarray(logits, np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lp = (x - m) - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+    coef = weight * ((1 - smoothing) * np.asarray(probs, np.float64)
+                     + smoothing / x.shape[1])
+    losses = -(coef * lp).sum(axis=1)
+    grad = coef.sum(axis=1, keepdims=True) * np.exp(lp) - coef
+    return losses, grad
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_classes", CLASS_COUNTS)
+def test_probs_layouts_bit_identical(rng, n_classes, dtype):
+    # Class probabilities run in place when positions are contiguous in the
+    # logits, the targets and the gradient, and packed otherwise.
+    logits, _ = _case(rng, 301, n_classes, dtype)
+    probs = rng.random((301, n_classes)).astype(dtype)
+    probs /= probs.sum(axis=1, keepdims=True)
+    probs[::7, 0] = 0.0
+    weight = (rng.random(n_classes) + 0.25).astype(dtype)
+    kwargs = dict(weight=weight, label_smoothing=0.1, reduction="sum")
+    expected_loss, expected_grad = fl.cross_entropy(logits, probs, return_grad=True,
+                                                    **kwargs)
+    losses, _ = fl.cross_entropy(logits, probs, return_grad=True,
+                                 **dict(kwargs, reduction="none"))
+    ref_losses, ref_grad = reference_probs(logits, probs, weight, 0.1)
+    np.testing.assert_allclose(losses, ref_losses, **TOL[dtype])
+    np.testing.assert_allclose(expected_grad, ref_grad, **TOL[dtype])
+    for name, x, axis in _layouts(logits):
+        for t_name, t, _ in _layouts(probs):
+            if (axis == 0) != (t_name == "class-major"):
+                continue
+            loss, grad = fl.cross_entropy(x, t, axis=axis, return_grad=True, **kwargs)
+            grad = grad.T if axis == 0 else grad
+            assert loss == expected_loss, (name, t_name)
+            np.testing.assert_array_equal(grad, expected_grad, err_msg=(name, t_name))
+            assert fl.cross_entropy(x, t, axis=axis, **kwargs) == expected_loss
+
+
+@pytest.mark.parametrize("shape", [(100_000, 100), (1_000_000, 10)])
+def test_probs_float32_accuracy_on_1e7_elements(shape):
+    # With class probabilities too, the exps of a position are summed in
+    # float32 lanes and the sums over positions in double.
+    rng = np.random.default_rng(8)
+    logits = (4 * rng.standard_normal(shape)).astype(np.float32)
+    probs = rng.random(shape, dtype=np.float32)
+    probs /= probs.sum(axis=1, keepdims=True)
+    x = logits.astype(np.float64)
+    m = x.max(axis=1, keepdims=True)
+    lp = (x - m) - np.log(np.exp(x - m).sum(axis=1, keepdims=True))
+    per = -(probs.astype(np.float64) * lp).sum(axis=1)
+    mean = fl.cross_entropy(logits, probs)
+    total = fl.cross_entropy(logits, probs, reduction="sum")
+    np.testing.assert_allclose(mean, per.mean(), rtol=2e-6)
+    np.testing.assert_allclose(total, per.sum(), rtol=2e-6)
+
+
+def test_probs_limits_at_infinite_logits():
+    # A +inf max takes the whole probability, shared among its logits. Every
+    # logit -inf gives NaN, and a -inf logit of zero mass costs nothing.
+    logits = np.array([
+        [np.inf, 0.0, np.inf],
+        [-np.inf, -np.inf, -np.inf],
+        [-np.inf, 1.0, 2.0],
+    ])
+    probs = np.array([[0.5, 0.0, 0.5], [0.2, 0.3, 0.5], [0.0, 0.5, 0.5]])
+    for x, t in ((logits, probs), (np.asfortranarray(logits), np.asfortranarray(probs))):
+        losses, grad = fl.cross_entropy(x, t, reduction="none", return_grad=True)
+        np.testing.assert_allclose(losses[0], np.log(2.0), rtol=1e-15)
+        np.testing.assert_array_equal(grad[0], [0.0, 0.0, 0.0])
+        assert np.isnan(losses[1])
+        assert np.isnan(grad[1]).all()
+        expected = -0.5 * (1.0 - np.log(np.e + np.e**2)) - 0.5 * (2.0 - np.log(np.e + np.e**2))
+        np.testing.assert_allclose(losses[2], expected, rtol=1e-14)
+        assert grad[2, 0] == 0.0
+
+
+@pytest.mark.parametrize("n_classes", (5, ROW_MIN_CLASSES))
+def test_probs_thread_counts_bit_identical(rng, n_classes):
+    # Packed tiles and rows over several blocks of 4096 positions.
+    logits = rng.standard_normal((9000, n_classes))
+    probs = rng.random((9000, n_classes))
+    results = [
+        fl.cross_entropy(logits, probs, label_smoothing=0.05, return_grad=True,
+                         n_threads=n)
+        for n in THREAD_COUNTS
+    ]
+    for loss, grad in results[1:]:
+        assert loss == results[0][0]
+        np.testing.assert_array_equal(grad, results[0][1])

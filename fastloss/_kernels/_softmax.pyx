@@ -20,9 +20,11 @@
 #    classes, strided) is copied into a class-major buffer and back. Every
 #    layout runs the same arithmetic and gives the same bits.
 #
-# The class-probability cross-entropy still goes one position at a time:
-# ``_shifted_exps`` (max, argmax and the sum of ``exp(z - max)`` over the
-# other classes, with libm's exp), then ``_ce_probs_one``, in ``_run_block``.
+# The class-probability cross-entropy runs ``_ce_probs_tile`` on the same
+# tiles, in place when positions are contiguous in the logits, the targets
+# and the gradient, and packed (targets too) otherwise, and
+# ``_ce_probs_rows`` on rows of at least ROW_MIN_CLASSES classes contiguous
+# in all three.
 #
 # ``_run`` and the ``def`` kernels: the blocks in parallel (prange), or in a
 # plain loop when one thread suffices, and the fixed-order combination of
@@ -50,12 +52,12 @@
 
 cimport numpy as cnp
 from cython.parallel cimport prange
-from libc.math cimport INFINITY, exp, expm1, log1p, pow
+from libc.math cimport INFINITY, NAN
 from libc.stdint cimport int64_t
 from libc.stdlib cimport free, malloc
 
 from ._common cimport BLOCK_SIZE, floating, n_blocks, sum_partials, threads_for
-from ._fastmath cimport fast_exp, fast_exp_nonpos, fl_log1p
+from ._fastmath cimport fast_exp, fast_exp_nonpos, fl_exp, fl_log1p
 
 cnp.import_array()
 
@@ -97,59 +99,6 @@ cdef struct Problem:
     bint want_losses
 
 
-cdef inline double _shifted_exps(
-    const floating* z, Py_ssize_t zc, Py_ssize_t n,
-    floating* g, Py_ssize_t gc, Py_ssize_t* top_out, double* max_out,
-) noexcept nogil:
-    """Return ``sum(exp(z[c] - max))`` over every class but the argmax.
-
-    Leaving out the argmax, whose term is exactly 1, lets the caller take
-    ``log1p`` of the result: ``1 - p_t`` stays accurate as ``p_t`` nears 1.
-    NaN logits never win the max but make the sum NaN, so NaN propagates.
-    When ``g`` is not NULL, ``g[c]`` receives ``exp(z[c] - max)``. For a
-    ``+inf`` max that is the limit, as ``_shift_from_max`` gives it: 1 for
-    every ``+inf`` logit, which share the probability, and 0 for the others.
-    """
-    cdef Py_ssize_t c, top = 0
-    cdef double m = z[0]
-    cdef double e
-    cdef double rest = 0.0
-
-    for c in range(1, n):
-        if z[c * zc] > m:
-            m = z[c * zc]
-            top = c
-    top_out[0] = top
-    max_out[0] = m
-
-    if m == INFINITY:
-        # Rare, so kept out of the loops below: there exp(inf - inf) is NaN.
-        for c in range(n):
-            e = exp(_shift_from_max(z[c * zc], m))
-            if g != NULL:
-                g[c * gc] = <floating>e
-            if c != top:
-                rest += e
-        return rest
-
-    if g != NULL:
-        for c in range(top):
-            e = exp(z[c * zc] - m)
-            g[c * gc] = <floating>e
-            rest += e
-        g[top * gc] = 1
-        for c in range(top + 1, n):
-            e = exp(z[c * zc] - m)
-            g[c * gc] = <floating>e
-            rest += e
-    else:
-        for c in range(top):
-            rest += exp(z[c * zc] - m)
-        for c in range(top + 1, n):
-            rest += exp(z[c * zc] - m)
-    return rest
-
-
 cdef inline double _shift_from_max(double z, double m) noexcept nogil:
     """Return ``z - m`` for the max ``m`` of a position's logits.
 
@@ -159,45 +108,6 @@ cdef inline double _shift_from_max(double z, double m) noexcept nogil:
     if m == INFINITY and z == m:
         return 0.0
     return z - m
-
-
-cdef inline double _ce_probs_one(
-    const floating* z, Py_ssize_t zc, Py_ssize_t n,
-    const floating* t, Py_ssize_t tc,
-    const floating* w, double smoothing, double scale,
-    floating* g, Py_ssize_t gc,
-) noexcept nogil:
-    """Return the cross-entropy of one position with class probabilities ``t``.
-
-    ``loss = -sum_c a[c] * lp[c]`` with ``a[c] = w[c] * ((1 - eps) * t[c] +
-    eps / C)``, and ``d loss / d z[k] = A * p[k] - a[k]``, ``A = sum a``.
-    PyTorch computes ``0 * -inf = nan`` for a ``-inf`` logit whose ``a[c]``
-    is 0; this kernel leaves such a class out and returns the limit. A class
-    of zero target mass (``t'[c] = 0``) is left out whatever its weight, so
-    a NaN or inf weight there costs nothing, as for class-index targets.
-    """
-    cdef Py_ssize_t c, top
-    cdef double m, rest, log_rest, a, a_total, loss, coef
-    cdef double keep = 1.0 - smoothing
-    cdef double eps_c = smoothing / n
-
-    rest = _shifted_exps(z, zc, n, g, gc, &top, &m)
-    log_rest = log1p(rest)
-
-    loss = 0.0
-    a_total = 0.0
-    for c in range(n):
-        a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
-        a_total += a
-        if a != 0.0:
-            loss += a * (log_rest - _shift_from_max(z[c * zc], m))
-
-    if g != NULL:
-        coef = scale * a_total / (1.0 + rest)
-        for c in range(n):
-            a = _class_coefficient(w[c], keep * t[c * tc] + eps_c)
-            g[c * gc] = <floating>(coef * g[c * gc] - scale * a)
-    return loss
 
 
 cdef inline double _class_coefficient(double w_c, double mass) noexcept nogil:
@@ -218,7 +128,9 @@ cdef enum:
 # going to lane c % LANES, which _sum_lanes adds in a fixed tree. That is
 # the order of a loop that runs along a row of contiguous classes in
 # vectors (_ce_rows), and the class-major tiles (_ce_tile) add in the same
-# order, so that both give the same bits. From ROW_MIN_CLASSES classes on,
+# order, so that both give the same bits. The class-probability kernels
+# (_ce_probs_rows, _ce_probs_tile) sum their loss terms and their ``A`` in
+# LANES double lanes the same way. From ROW_MIN_CLASSES classes on,
 # rows of contiguous classes run in place in _ce_rows; below, they are
 # transposed tile by tile into class-major buffers for _ce_tile, whose loops
 # then run over many positions instead of a few classes.
@@ -235,6 +147,15 @@ cdef inline double _sum_lanes(const floating* a, Py_ssize_t s) noexcept nogil:
         + ((a[4 * s] + a[5 * s]) + (a[6 * s] + a[7 * s]))
     )
     return total
+
+
+cdef inline double _sum_lanes_double(const double* a, Py_ssize_t s) noexcept nogil:
+    """Return the sum of ``a[k * s]`` for ``k < LANES`` in the tree of
+    ``_sum_lanes``."""
+    return (
+        ((a[0] + a[s]) + (a[2 * s] + a[3 * s]))
+        + ((a[4 * s] + a[5 * s]) + (a[6 * s] + a[7 * s]))
+    )
 
 
 cdef inline void _ce_position(
@@ -284,14 +205,70 @@ cdef inline void _ce_position(
     grad_y_out[0] = scale * grad_y
 
 
-cdef inline void _focal_position(
-    double rest, double m, double z_y, double w_y, double gamma, double scale,
-    double* loss_out, double* coef_out, double* grad_y_out,
+cdef inline double _focal_q(
+    double rest, double m, double z_y, double e_y, bint y_is_max,
+    double* lp_out, double* p_t_out,
 ) noexcept nogil:
-    """Finish one kept position of the softmax focal loss.
+    """Return ``q = 1 - p_t`` of one kept position of the softmax focal loss.
 
-    ``rest``, ``m`` and ``z_y`` as in ``_ce_position``. With
-    ``lp = log p_t`` and ``q = 1 - p_t = -expm1(lp)``,
+    ``rest``, ``m``, ``z_y``, ``e_y`` and ``y_is_max`` as in ``_ce_position``.
+    Stores ``lp = log p_t`` and ``p_t``. At the argmax ``q`` is
+    ``rest / (1 + rest)``, which stays accurate as ``p_t`` nears 1; elsewhere
+    ``p_t <= 1/2`` and ``1 - p_t`` is. The term ``0 * (z_y - m)`` makes a
+    ``-inf`` max (every logit ``-inf``) give NaN, as the loss does.
+    """
+    # Subtract m before adding log1p(rest), which may be far below the
+    # rounding step of m.
+    cdef double lp = (z_y - m) - fl_log1p(rest)
+    cdef double denom = 1.0 + rest
+    cdef double p_t = e_y / denom
+
+    lp_out[0] = lp
+    p_t_out[0] = p_t
+    return rest / denom + 0.0 * (z_y - m) if y_is_max else 1.0 - p_t
+
+
+cdef inline double _focal_log_q(double rest, double p_t, bint y_is_max) noexcept nogil:
+    """Return ``log q`` for the ``q`` of ``_focal_q``: ``-log1p(1 / rest)`` at
+    the argmax (``-inf`` for ``rest = 0``), else ``log1p(-p_t)``."""
+    return -fl_log1p(1.0 / rest) if y_is_max else fl_log1p(-p_t)
+
+
+cdef inline int64_t _integer_gamma(double gamma) noexcept nogil:
+    """Return ``gamma`` as an integer when it is one in ``[1, 2**31)``, else 0.
+
+    ``q**gamma`` is then a product of squarings of ``q``
+    (``_power_by_squaring``), exact for ``gamma = 1`` and within a few ulp
+    for the others; ``gamma = 0`` and fractional ``gamma`` go elsewhere.
+    """
+    if 1.0 <= gamma < 2147483648.0 and gamma == <double><int64_t>gamma:
+        return <int64_t>gamma
+    return 0
+
+
+cdef inline double _power_by_squaring(double q, int64_t k) noexcept nogil:
+    """Return ``q**k`` for ``k >= 1``, in the order of the passes of
+    ``_focal_tile``, so that both give the same bits."""
+    cdef double result = 1.0
+    cdef double base = q
+
+    while True:
+        if k & 1:
+            result = result * base
+        k >>= 1
+        if k == 0:
+            return result
+        base = base * base
+
+
+cdef inline void _focal_finish(
+    double q, double q_gamma, double lp, double p_t, double rest, double w_y,
+    double gamma, double scale, double* loss_out, double* coef_out,
+    double* grad_y_out,
+) noexcept nogil:
+    """Finish one kept position of the softmax focal loss from
+    ``q = 1 - p_t``, ``q_gamma = q**gamma`` and ``lp = log p_t``.
+
     ``loss = -w[y] * q**gamma * lp`` and
     ``d loss / d z[k] = w[y] * F * (p[k] - [k == y])`` with
     ``F = q**gamma - gamma * p_t * lp * q**(gamma - 1)
@@ -302,26 +279,87 @@ cdef inline void _focal_position(
     which makes ``gamma = 0`` the cross-entropy). At ``p_t = 0`` (a ``-inf``
     target logit) the factor ``p_t * (-lp)`` tends to 0 and ``F = 1``.
     Stores the loss, the factor that turns ``exp(z - m)`` into the scaled
-    gradient, and the scaled gradient at ``y``.
+    gradient, and the scaled gradient at ``y``. Branch-free, so that a loop
+    over positions vectorizes.
     """
-    # Subtract m before adding log1p(rest), which may be far below the
-    # rounding step of m.
-    cdef double lp = (z_y - m) - fl_log1p(rest)
-    cdef double p_t = exp(lp)
-    cdef double q = -expm1(lp)
-    cdef double q_gamma = 1.0 if gamma == 0.0 else pow(q, gamma)
-    cdef double factor
+    cdef double ratio = -lp / q if q > 0.0 else 1.0
+    cdef double term = gamma * p_t * ratio if p_t > 0.0 else 0.0
+    cdef double factor = q_gamma * (1.0 + term)
 
-    if q > 0.0 and p_t > 0.0:
-        factor = q_gamma * (1.0 + gamma * p_t * (-lp) / q)
-    elif q == 0.0:
-        factor = q_gamma * (1.0 + gamma * p_t)
-    else:
-        # p_t == 0, or NaN, which the products below pass on.
-        factor = q_gamma
     loss_out[0] = w_y * q_gamma * (-lp)
     coef_out[0] = scale * w_y * factor / (1.0 + rest)
     grad_y_out[0] = -scale * w_y * factor * q
+
+
+cdef inline void _focal_position(
+    double rest, double m, double z_y, double e_y, bint y_is_max, double w_y,
+    double gamma, int64_t k_gamma, double scale,
+    double* loss_out, double* coef_out, double* grad_y_out,
+) noexcept nogil:
+    """Finish one kept position of the softmax focal loss, as the passes of
+    ``_focal_tile`` do; ``k_gamma`` is ``_integer_gamma(gamma)``."""
+    cdef double lp, p_t, q_gamma
+    cdef double q = _focal_q(rest, m, z_y, e_y, y_is_max, &lp, &p_t)
+
+    if gamma == 0.0:
+        q_gamma = 1.0
+    elif k_gamma > 0:
+        q_gamma = _power_by_squaring(q, k_gamma)
+    else:
+        q_gamma = fl_exp(gamma * _focal_log_q(rest, p_t, y_is_max))
+    _focal_finish(q, q_gamma, lp, p_t, rest, w_y, gamma, scale, loss_out, coef_out,
+                  grad_y_out)
+
+
+cdef void _focal_tile(
+    Py_ssize_t count, const double* rest, const floating* m, const floating* z_y,
+    const floating* e_y, const int* y_is_max, const double* w_ys, double gamma,
+    double scale, double* losses, floating* coef, floating* grad_y,
+) noexcept nogil:
+    """Finish ``count`` positions of the softmax focal loss, as
+    ``_focal_position`` does one, in passes over the positions that
+    vectorize. ``losses`` is written for every position, kept or not."""
+    cdef Py_ssize_t j
+    cdef int64_t k = _integer_gamma(gamma)
+    cdef double lp_j, p_t_j, loss_j, coef_j, grad_y_j
+    cdef double q[MAX_TILE]
+    cdef double q_gamma[MAX_TILE]
+    cdef double base[MAX_TILE]
+    cdef double lp[MAX_TILE]
+    cdef double p_t[MAX_TILE]
+
+    for j in range(count):
+        q[j] = _focal_q(rest[j], m[j], z_y[j], e_y[j], y_is_max[j], &lp_j, &p_t_j)
+        lp[j] = lp_j
+        p_t[j] = p_t_j
+
+    # q**gamma; the integer case in the order of _power_by_squaring.
+    if gamma == 0.0:
+        for j in range(count):
+            q_gamma[j] = 1.0
+    elif k > 0:
+        for j in range(count):
+            q_gamma[j] = 1.0
+            base[j] = q[j]
+        while True:
+            if k & 1:
+                for j in range(count):
+                    q_gamma[j] = q_gamma[j] * base[j]
+            k >>= 1
+            if k == 0:
+                break
+            for j in range(count):
+                base[j] = base[j] * base[j]
+    else:
+        for j in range(count):
+            q_gamma[j] = fl_exp(gamma * _focal_log_q(rest[j], p_t[j], y_is_max[j]))
+
+    for j in range(count):
+        _focal_finish(q[j], q_gamma[j], lp[j], p_t[j], rest[j], w_ys[j], gamma, scale,
+                      &loss_j, &coef_j, &grad_y_j)
+        losses[j] = loss_j
+        coef[j] = <floating>coef_j
+        grad_y[j] = <floating>grad_y_j
 
 
 cdef void _limit_at_inf_max(
@@ -492,12 +530,10 @@ cdef Py_ssize_t _ce_tile(
         _limit_at_inf_max(z, zc, n, count, w, smoothing, m, z_y, y_is_max, smooth)
 
     if pb.kind == KIND_FOCAL:
+        _focal_tile(count, rest, m, z_y, e_y, y_is_max, w_ys, pb.gamma, scale, losses,
+                    coef, grad_y)
         for j in range(count):
-            _focal_position(rest[j], m[j], z_y[j], w_ys[j], pb.gamma, scale, &loss_j,
-                            &coef_j, &grad_y_j)
-            losses[j] = loss_j if keep[j] else 0.0
-            coef[j] = <floating>coef_j
-            grad_y[j] = <floating>grad_y_j
+            losses[j] = losses[j] if keep[j] else 0.0
     else:
         for j in range(count):
             _ce_position(
@@ -534,6 +570,147 @@ cdef Py_ssize_t _ce_tile(
                 e = grad_y[j] if cls[j] == ci else e
                 grow[j] = e if keep[j] else 0
     return bad
+
+
+cdef void _ce_probs_tile(
+    const floating* z, Py_ssize_t zc, const floating* t, Py_ssize_t tc,
+    floating* g, Py_ssize_t gc, Py_ssize_t inner, Py_ssize_t count, Py_ssize_t first,
+    const Problem* pb, double* loss_acc,
+    floating* l, Py_ssize_t l_outer, Py_ssize_t l_inner,
+) noexcept nogil:
+    """Process the ``count`` positions from flat index ``first`` on of the
+    cross-entropy with class probabilities ``t``.
+
+    ``z``, ``g`` and ``t`` are class-major as in ``_ce_tile``, whose max and
+    exp passes this repeats. Then, with ``a[c] = w[c] * ((1 - eps) * t[c] +
+    eps / C)`` and ``A = sum a``: ``loss = -sum_c a[c] * lp[c]`` and
+    ``d loss / d z[k] = A * p[k] - a[k]``. PyTorch computes
+    ``0 * -inf = nan`` for a ``-inf`` logit whose ``a[c]`` is 0; this kernel
+    leaves such a class out and returns the limit. A class of zero target
+    mass is left out whatever its weight, so a NaN or inf weight there costs
+    nothing, as for class-index targets. At a ``+inf`` max the exps are the
+    limit, 1 for each ``+inf`` logit and 0 for the others, and ``z - m`` is 0
+    for a ``+inf`` logit. Every pass loops over the positions inside, so
+    that it vectorizes. The sums over the classes go to LANES lanes, as in
+    ``_ce_probs_rows``. Losses are added to ``loss_acc`` in position order.
+    """
+    cdef Py_ssize_t n = pb.n_classes
+    cdef const floating* w = <const floating*>pb.weight
+    cdef double keep_mass = 1.0 - pb.smoothing
+    cdef double eps_c = pb.smoothing / n
+    cdef double scale = pb.scale
+    cdef Py_ssize_t j, c, o, i
+    cdef floating v, e, mj
+    cdef double wc, a, shift
+    cdef int is_max
+    cdef floating m[MAX_TILE]
+    cdef floating lanes[LANES * MAX_TILE]
+    cdef int n_max[MAX_TILE]
+    cdef double rest[MAX_TILE]
+    cdef double log_rest[MAX_TILE]
+    cdef double a_total[MAX_TILE]
+    cdef double losses[MAX_TILE]
+    cdef double a_lanes[LANES * MAX_TILE]
+    cdef double loss_lanes[LANES * MAX_TILE]
+    cdef double* al
+    cdef double* ll
+    cdef const floating* zrow
+    cdef const floating* trow
+    cdef floating* grow
+    cdef floating* rl
+
+    # Max over the classes, as in _ce_tile.
+    for j in range(count):
+        m[j] = z[j]
+    for c in range(1, n):
+        zrow = z + c * zc
+        for j in range(count):
+            v = zrow[j]
+            mj = m[j]
+            m[j] = v if v > mj else mj
+
+    # exp(z - m), in the gradient when there is one, summed in the lanes
+    # of _ce_tile over every class but one at the max.
+    for c in range(LANES):
+        rl = lanes + c * MAX_TILE
+        for j in range(count):
+            rl[j] = 0
+    for j in range(count):
+        n_max[j] = 0
+    for c in range(n):
+        zrow = z + c * zc
+        rl = lanes + (c % LANES) * MAX_TILE
+        if g != NULL:
+            grow = g + c * gc
+            for j in range(count):
+                v = zrow[j]
+                e = fast_exp_nonpos(v - m[j])
+                is_max = v == m[j]
+                n_max[j] += is_max
+                grow[j] = 1 if is_max else e
+                rl[j] += 0 if is_max else e
+        else:
+            for j in range(count):
+                v = zrow[j]
+                e = fast_exp_nonpos(v - m[j])
+                is_max = v == m[j]
+                n_max[j] += is_max
+                rl[j] += 0 if is_max else e
+    # Every logit -inf: there z - m is NaN, and so are the loss and the
+    # gradient. A NaN max (n_max = 0) makes rest NaN through its terms.
+    for j in range(count):
+        rest[j] = _sum_lanes(lanes + j, MAX_TILE) + (n_max[j] - 1)
+        rest[j] = NAN if m[j] == -INFINITY else rest[j]
+        log_rest[j] = fl_log1p(rest[j])
+
+    # loss = sum_c a[c] * (log_rest - (z[c] - m)) and A = sum_c a[c], each
+    # in LANES partial sums (class c to lane c % LANES), as _ce_probs_rows
+    # adds along a row.
+    for c in range(LANES):
+        al = a_lanes + c * MAX_TILE
+        ll = loss_lanes + c * MAX_TILE
+        for j in range(count):
+            al[j] = 0.0
+            ll[j] = 0.0
+    for c in range(n):
+        zrow = z + c * zc
+        trow = t + c * tc
+        al = a_lanes + (c % LANES) * MAX_TILE
+        ll = loss_lanes + (c % LANES) * MAX_TILE
+        wc = w[c]
+        for j in range(count):
+            a = _class_coefficient(wc, keep_mass * trow[j] + eps_c)
+            al[j] += a
+            v = zrow[j]
+            shift = 0.0 if (v == m[j] and v == INFINITY) else <double>v - m[j]
+            ll[j] += a * (log_rest[j] - shift) if a != 0.0 else 0.0
+    for j in range(count):
+        a_total[j] = _sum_lanes_double(a_lanes + j, MAX_TILE)
+        losses[j] = _sum_lanes_double(loss_lanes + j, MAX_TILE)
+
+    for j in range(count):
+        loss_acc[0] += losses[j]
+    if l != NULL:
+        o = first // inner
+        i = first - o * inner
+        for j in range(count):
+            l[o * l_outer + i * l_inner] = <floating>losses[j]
+            i += 1
+            if i == inner:
+                i = 0
+                o += 1
+
+    if g != NULL:
+        # The scaled A / (1 + rest), kept in a_total.
+        for j in range(count):
+            a_total[j] = scale * a_total[j] / (1.0 + rest[j])
+        for c in range(n):
+            grow = g + c * gc
+            trow = t + c * tc
+            wc = w[c]
+            for j in range(count):
+                a = _class_coefficient(wc, keep_mass * trow[j] + eps_c)
+                grow[j] = <floating>(a_total[j] * grow[j] - scale * a)
 
 
 cdef inline floating _row_max(const floating* z, Py_ssize_t n, floating* work) noexcept nogil:
@@ -596,6 +773,7 @@ cdef Py_ssize_t _ce_rows(
     cdef const floating* zr
     cdef floating* gr = scratch
     cdef floating* gk
+    cdef int64_t k_gamma = _integer_gamma(pb.gamma)
 
     for f in range(first, first + count):
         zr = z0 + o * pb.z_outer + i * pb.z_inner
@@ -652,8 +830,8 @@ cdef Py_ssize_t _ce_rows(
                 _limit_at_inf_max(zr, 1, n, 1, w, smoothing, &m_shift, &z_y,
                                   &y_is_max, &smooth)
             if pb.kind == KIND_FOCAL:
-                _focal_position(rest, m_shift, z_y, w_y, pb.gamma, pb.scale, &loss,
-                                &coef_d, &grad_y_d)
+                _focal_position(rest, m_shift, z_y, e_y, y_is_max, w_y, pb.gamma,
+                                k_gamma, pb.scale, &loss, &coef_d, &grad_y_d)
             else:
                 _ce_position(
                     rest, m_shift, z_y, e_y, y_is_max, w_y, pb.weight_total,
@@ -685,6 +863,107 @@ cdef Py_ssize_t _ce_rows(
     return bad
 
 
+cdef void _ce_probs_rows(
+    const floating* z0, floating* g0, Py_ssize_t first, Py_ssize_t count,
+    const Problem* pb, floating* scratch, double* a_row, double* terms,
+    double* loss_acc,
+) noexcept nogil:
+    """Process the ``count`` positions from flat index ``first`` on of the
+    cross-entropy with class probabilities, row by row.
+
+    Each position's classes are contiguous in the logits, the targets and
+    the gradient, which are read and written in place by loops along the
+    row that vectorize. The arithmetic and its order are those of
+    ``_ce_probs_tile``, lanes included, so both give the same bits. The
+    exps go to the gradient, or to ``scratch`` without one. ``a_row`` and
+    ``terms`` are scratch rows of ``C`` doubles.
+    """
+    cdef Py_ssize_t n = pb.n_classes
+    cdef Py_ssize_t n_full = n - n % LANES
+    cdef const floating* w = <const floating*>pb.weight
+    cdef const floating* t0 = <const floating*>pb.probs
+    cdef floating* l0 = <floating*>pb.losses if pb.want_losses else NULL
+    cdef double keep_mass = 1.0 - pb.smoothing
+    cdef double eps_c = pb.smoothing / n
+    cdef double scale = pb.scale
+    cdef Py_ssize_t o = first // pb.inner
+    cdef Py_ssize_t i = first - o * pb.inner
+    cdef Py_ssize_t f, c, k, chunk
+    cdef int n_max, is_max
+    cdef floating mx, v, e
+    cdef floating acc[LANES]
+    cdef double a_acc[LANES]
+    cdef double loss_acc_lanes[LANES]
+    cdef double a, shift, rest, log_rest, a_total, loss, coef
+    cdef const floating* zr
+    cdef const floating* tr
+    cdef floating* gr = scratch
+    cdef floating* gk
+
+    for f in range(first, first + count):
+        zr = z0 + o * pb.z_outer + i * pb.z_inner
+        tr = t0 + o * pb.t_outer + i * pb.t_inner
+        if g0 != NULL:
+            gr = g0 + o * pb.g_outer + i * pb.g_inner
+        mx = _row_max(zr, n, gr)
+
+        # exp(z - m), 0 at the classes at the max, and its lane sums, as in
+        # _ce_rows.
+        n_max = 0
+        for c in range(n):
+            v = zr[c]
+            e = fast_exp_nonpos(v - mx)
+            is_max = v == mx
+            n_max += is_max
+            gr[c] = 0 if is_max else e
+        for k in range(LANES):
+            acc[k] = 0
+        for c in range(n_full // LANES):
+            gk = gr + c * LANES
+            for k in range(LANES):
+                acc[k] += gk[k]
+        for c in range(n_full, n):
+            acc[c - n_full] += gr[c]
+        rest = _sum_lanes(acc, 1) + (n_max - 1)
+        rest = NAN if mx == -INFINITY else rest
+        log_rest = fl_log1p(rest)
+
+        # a[c] and the loss terms first, then their lane sums in chunks of
+        # LANES classes: both loops vectorize along the row.
+        for c in range(n):
+            a = _class_coefficient(w[c], keep_mass * tr[c] + eps_c)
+            v = zr[c]
+            shift = 0.0 if (v == mx and v == INFINITY) else <double>v - mx
+            a_row[c] = a
+            terms[c] = a * (log_rest - shift) if a != 0.0 else 0.0
+        for k in range(LANES):
+            a_acc[k] = 0.0
+            loss_acc_lanes[k] = 0.0
+        for chunk in range(n_full // LANES):
+            c = chunk * LANES
+            for k in range(LANES):
+                a_acc[k] += a_row[c + k]
+                loss_acc_lanes[k] += terms[c + k]
+        for c in range(n_full, n):
+            a_acc[c - n_full] += a_row[c]
+            loss_acc_lanes[c - n_full] += terms[c]
+        a_total = _sum_lanes_double(a_acc, 1)
+        loss = _sum_lanes_double(loss_acc_lanes, 1)
+
+        loss_acc[0] += loss
+        if l0 != NULL:
+            l0[o * pb.l_outer + i * pb.l_inner] = <floating>loss
+        if g0 != NULL:
+            coef = scale * a_total / (1.0 + rest)
+            for c in range(n):
+                e = 1 if zr[c] == mx else gr[c]
+                gr[c] = <floating>(coef * e - scale * a_row[c])
+        i += 1
+        if i == pb.inner:
+            i = 0
+            o += 1
+
+
 cdef void _run_block_tiles(
     const floating* z0, const Problem* pb, Py_ssize_t start, Py_ssize_t stop,
     double* loss_out, double* weight_out, Py_ssize_t* bad_out,
@@ -695,7 +974,7 @@ cdef void _run_block_tiles(
     are ``z_inner`` apart. With LAYOUT_TILES they are contiguous, and
     _ce_tile reads the logits and writes the gradient in place. With
     LAYOUT_PACKED each tile's logits are first copied to a class-major
-    buffer, and its gradient copied back from another; the copy costs less
+    buffer, and its gradient copied back from another; the copies cost less
     than the exps, and every layout then runs the same arithmetic. With
     LAYOUT_ROWS _ce_rows takes the positions one at a time. Sets
     ``bad_out`` to -2 when the buffers cannot be allocated.
@@ -712,6 +991,10 @@ cdef void _run_block_tiles(
     cdef floating* g = NULL
     cdef floating* z_buf = NULL
     cdef floating* g_buf = NULL
+    cdef floating* t_buf = NULL
+    cdef double* row_buf = NULL
+    cdef bint probs = pb.kind == KIND_CE_PROBS
+    cdef const floating* t0 = <const floating*>pb.probs
 
     if pb.layout == LAYOUT_ROWS:
         # A row for the exps when there is no gradient to hold them, and the
@@ -722,10 +1005,22 @@ cdef void _run_block_tiles(
             return
         for c in range(n):
             z_buf[n + c] = <floating>(pb.scale * (pb.smoothing / n) * w[c])
-        bad = _ce_rows(
-            z0, <floating*>pb.grad if pb.want_grad else NULL, start, stop - start,
-            pb, z_buf, z_buf + n, &loss_acc, &weight_acc,
-        )
+        if probs:
+            row_buf = <double*>malloc(2 * n * sizeof(double))
+            if row_buf == NULL:
+                free(z_buf)
+                bad_out[0] = -2
+                return
+            _ce_probs_rows(
+                z0, <floating*>pb.grad if pb.want_grad else NULL, start, stop - start,
+                pb, z_buf, row_buf, row_buf + n, &loss_acc,
+            )
+            free(row_buf)
+        else:
+            bad = _ce_rows(
+                z0, <floating*>pb.grad if pb.want_grad else NULL, start, stop - start,
+                pb, z_buf, z_buf + n, &loss_acc, &weight_acc,
+            )
         free(z_buf)
         loss_out[0] = loss_acc
         weight_out[0] = weight_acc
@@ -738,9 +1033,12 @@ cdef void _run_block_tiles(
     if packed:
         z_buf = <floating*>malloc(tile * n * sizeof(floating))
         g_buf = <floating*>malloc(tile * n * sizeof(floating))
-        if z_buf == NULL or g_buf == NULL:
+        if probs:
+            t_buf = <floating*>malloc(tile * n * sizeof(floating))
+        if z_buf == NULL or g_buf == NULL or (probs and t_buf == NULL):
             free(z_buf)
             free(g_buf)
+            free(t_buf)
             bad_out[0] = -2
             return
 
@@ -753,17 +1051,41 @@ cdef void _run_block_tiles(
         if count > pb.inner - i:
             count = pb.inner - i
 
-        if packed:
+        if probs and packed:
             _pack_tile(z0 + o * pb.z_outer + i * pb.z_inner, pb.z_class, pb.z_inner,
                        n, count, z_buf, tile)
+            _pack_tile(t0 + o * pb.t_outer + i * pb.t_inner, pb.t_class, pb.t_inner,
+                       n, count, t_buf, tile)
+            _ce_probs_tile(
+                z_buf, tile, t_buf, tile, g_buf if pb.want_grad else NULL, tile,
+                pb.inner, count, f, pb, &loss_acc,
+                <floating*>pb.losses if pb.want_losses else NULL, pb.l_outer, pb.l_inner,
+            )
+            if pb.want_grad:
+                _unpack_tile(g_buf, tile, <floating*>pb.grad + o * pb.g_outer
+                             + i * pb.g_inner, pb.g_class, pb.g_inner, n, count)
+            b = -1
+        elif probs:
+            if pb.want_grad:
+                g = <floating*>pb.grad + o * pb.g_outer + i
+            _ce_probs_tile(
+                z0 + o * pb.z_outer + i, pb.z_class, t0 + o * pb.t_outer + i, pb.t_class,
+                g, pb.g_class, pb.inner, count, f, pb, &loss_acc,
+                <floating*>pb.losses if pb.want_losses else NULL, pb.l_outer, pb.l_inner,
+            )
+            b = -1
+        elif packed:
+            _pack_tile(z0 + o * pb.z_outer + i * pb.z_inner, pb.z_class, pb.z_inner,
+                       n, count, z_buf, tile)
+            if pb.want_grad:
+                g = <floating*>pb.grad + o * pb.g_outer + i * pb.g_inner
             b = _ce_tile(
                 z_buf, tile, g_buf if pb.want_grad else NULL, tile,
                 pb.labels, pb.y_outer, pb.y_inner, pb.inner, count, f, pb,
                 &loss_acc, &weight_acc, <floating*>pb.losses, pb.l_outer, pb.l_inner,
             )
             if pb.want_grad:
-                _unpack_tile(g_buf, tile, <floating*>pb.grad + o * pb.g_outer
-                             + i * pb.g_inner, pb.g_class, pb.g_inner, n, count)
+                _unpack_tile(g_buf, tile, g, pb.g_class, pb.g_inner, n, count)
         else:
             if pb.want_grad:
                 g = <floating*>pb.grad + o * pb.g_outer + i
@@ -778,6 +1100,7 @@ cdef void _run_block_tiles(
 
     free(z_buf)
     free(g_buf)
+    free(t_buf)
     loss_out[0] = loss_acc
     weight_out[0] = weight_acc
     bad_out[0] = bad
@@ -814,10 +1137,35 @@ cdef void _unpack_tile(
     Py_ssize_t g_inner, Py_ssize_t n, Py_ssize_t count,
 ) noexcept nogil:
     """Copy ``buf[c * tile + j]`` to the gradient of ``count`` positions
-    ``g_inner`` apart from ``gp`` on."""
+    ``g_inner`` apart from ``gp`` on.
+
+    When the classes of a position are contiguous (``g_class == 1``, as in
+    channels-last and ``(N, C)`` arrays), the copy goes position by
+    position, so that the stores go to consecutive addresses and the
+    strided accesses are loads from the tile, which cost less than strided
+    stores: about 0.6 times the time for 21 classes in cache, measured on
+    a Sapphire Rapids Xeon.
+    Otherwise it goes class by class. Both orders stay scalar, four items
+    per step, which spares three quarters of the loop overhead.
+    """
     cdef Py_ssize_t j, c
     cdef const floating* src
     cdef floating* dst
+
+    if g_class == 1:
+        for j in range(count):
+            src = buf + j
+            dst = gp + j * g_inner
+            for c in range(n // 4):
+                dst[0] = src[0]
+                dst[1] = src[tile]
+                dst[2] = src[2 * tile]
+                dst[3] = src[3 * tile]
+                src += 4 * tile
+                dst += 4
+            for c in range(n % 4):
+                dst[c] = src[c * tile]
+        return
 
     for c in range(n):
         src = buf + c * tile
@@ -833,46 +1181,6 @@ cdef void _unpack_tile(
             dst[j * g_inner] = src[j]
 
 
-cdef void _run_block(
-    const floating* z0, const Problem* pb, Py_ssize_t start, Py_ssize_t stop,
-    double* loss_out, double* weight_out, Py_ssize_t* bad_out,
-) noexcept nogil:
-    """Process positions ``start:stop`` of the class-probability cross-entropy
-    and store their sums."""
-    cdef Py_ssize_t n = pb.n_classes
-    cdef Py_ssize_t o = start // pb.inner
-    cdef Py_ssize_t i = start - o * pb.inner
-    cdef Py_ssize_t f
-    cdef double loss
-    cdef double loss_acc = 0.0
-    cdef const floating* w = <const floating*>pb.weight
-    cdef const floating* t0 = <const floating*>pb.probs
-    cdef floating* g0 = <floating*>pb.grad
-    cdef floating* l0 = <floating*>pb.losses
-    cdef const floating* z
-    cdef floating* g = NULL
-
-    for f in range(start, stop):
-        z = z0 + o * pb.z_outer + i * pb.z_inner
-        if pb.want_grad:
-            g = g0 + o * pb.g_outer + i * pb.g_inner
-        loss = _ce_probs_one(
-            z, pb.z_class, n, t0 + o * pb.t_outer + i * pb.t_inner, pb.t_class,
-            w, pb.smoothing, pb.scale, g, pb.g_class,
-        )
-        loss_acc += loss
-        if pb.want_losses:
-            l0[o * pb.l_outer + i * pb.l_inner] = <floating>loss
-        i += 1
-        if i == pb.inner:
-            i = 0
-            o += 1
-
-    loss_out[0] = loss_acc
-    weight_out[0] = 0.0
-    bad_out[0] = -1
-
-
 cdef inline void _run_one_block(
     const floating* z0, const Problem* pb, Py_ssize_t n_positions, Py_ssize_t b,
     Py_ssize_t nb, double* parts, Py_ssize_t* bads,
@@ -882,10 +1190,7 @@ cdef inline void _run_one_block(
 
     if stop > n_positions:
         stop = n_positions
-    if pb.kind != KIND_CE_PROBS:
-        _run_block_tiles(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
-    else:
-        _run_block(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
+    _run_block_tiles(z0, pb, start, stop, &parts[b], &parts[nb + b], &bads[b])
 
 
 cdef tuple _run(const floating* z0, const Problem* pb, Py_ssize_t n_positions,
@@ -1121,6 +1426,17 @@ def cross_entropy_probs(
     _set_losses(&pb, losses, want_losses)
     pb.smoothing = smoothing
     pb.scale = scale
+    pb.y_outer = 0
+    pb.y_inner = 0
+    _flatten_single_row(&pb, logits.shape[0])
+    # The layouts of _choose_layout, with the targets' strides too.
+    pb.layout = LAYOUT_PACKED
+    if (pb.inner > 1 and pb.z_inner == 1 and pb.t_inner == 1
+            and (not pb.want_grad or pb.g_inner == 1)):
+        pb.layout = LAYOUT_TILES
+    elif (pb.n_classes >= ROW_MIN_CLASSES and pb.z_class == 1 and pb.t_class == 1
+          and (not pb.want_grad or pb.g_class == 1)):
+        pb.layout = LAYOUT_ROWS
     result = _run(&logits[0, 0, 0], &pb, n_positions, n_threads)
     return result[0], float(n_positions), -1
 
