@@ -6,6 +6,7 @@ before any output is allocated or any kernel is called.
 """
 
 import math
+import os
 import operator
 
 import numpy as np
@@ -96,11 +97,19 @@ def check_reduction(reduction, allowed=REDUCTIONS):
     raise ValueError(f"reduction must be one of {choices}, got {reduction!r}")
 
 
+# The largest thread count a kernel call starts: far above any speed-up,
+# and far below the counts that fail to start.
+MAX_THREADS = max(256, 4 * (os.cpu_count() or 1))
+
+
 def resolve_n_threads(n_threads):
     """Return the thread count for a kernel call.
 
     ``None`` means the count OpenMP offers (``OMP_NUM_THREADS`` or all
-    cores); an int of 1 or more is used as it is.
+    cores); an int of 1 or more is used as it is, up to ``MAX_THREADS``.
+    A larger count is lowered to that cap: the results are the same for
+    every count, and starting tens of thousands of threads can exhaust the
+    process's memory or thread limit.
     """
     if n_threads is None:
         return max_threads()
@@ -114,7 +123,7 @@ def resolve_n_threads(n_threads):
         ) from None
     if n < 1:
         raise ValueError(f"n_threads must be None or an int >= 1, got {n}")
-    return n
+    return n if n <= MAX_THREADS else MAX_THREADS
 
 
 def check_same_shape(a, b, name_a, name_b):

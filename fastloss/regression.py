@@ -79,7 +79,15 @@ def _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
         return 0
     if reduction not in REDUCTIONS:
         return 0
+    if grad_out is not None and _over_input(grad_out, pred, target):
+        return 0
     return _kernels.plain_contiguous_kind(pred, target, grad_out)
+
+
+def _over_input(grad_out, pred, target):
+    # A grad_out over an input takes the general path, where _prepare
+    # decides whether the gradient needs a buffer.
+    return np.may_share_memory(grad_out, pred) or np.may_share_memory(grad_out, target)
 
 
 def _contiguous_threads(n, n_threads):
@@ -119,6 +127,10 @@ class _Prepared:
             self.grad_out = None
 
 
+def _shares_any(grad, arrays):
+    return any(a is not None and np.may_share_memory(grad, a) for a in arrays)
+
+
 def _as_aligned(a):
     # The kernels read whole floats, so a misaligned view (from a byte
     # buffer at an odd offset, say) is copied.
@@ -145,7 +157,12 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
     buffered_grad_out = None
     if grad_out is not None:
         grad = check_grad_out(grad_out, p.shape, dtype)
-        if grad_out_needs_buffer(grad, (p, t, w)):
+        # A float32 chunk whose float sum is not trusted is computed again in
+        # double, reading pred and target after its gradient was written, so
+        # float32 cannot write over an input even element by element. The
+        # kernels also read and write whole aligned floats only.
+        if (not grad.flags.aligned or grad_out_needs_buffer(grad, (p, t, w))
+                or (dtype is _F32 and _shares_any(grad, (p, t, w)))):
             buffered_grad_out = grad
             grad = np.empty_like(p)
     elif return_grad:
@@ -181,7 +198,8 @@ def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
     # The test of _plain_contiguous_kind, written out: a call less matters
     # on small inputs, where the Python layer is most of the time.
     if (weight is None and type(reduction) is str and reduction in REDUCTIONS
-            and _plain_kind(pred, target, grad_out)):
+            and _plain_kind(pred, target, grad_out)
+            and (grad_out is None or not _over_input(grad_out, pred, target))):
         return _evaluate_contiguous(
             kernels, pred, target, reduction, return_grad, grad_out, n_threads, param
         )

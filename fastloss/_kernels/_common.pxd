@@ -34,9 +34,15 @@ cdef inline Py_ssize_t n_blocks(Py_ssize_t n_items) noexcept nogil:
 
 
 cdef inline int threads_for(Py_ssize_t n_items, int n_threads) noexcept nogil:
-    """Thread count for ``n_items`` of work: 1 below MIN_PARALLEL_ITEMS."""
+    """Thread count for ``n_items`` of work: 1 below MIN_PARALLEL_ITEMS.
+
+    Never more than one thread per BLOCK_SIZE items, because a thread
+    without a block of its own only costs its start.
+    """
     if n_items < MIN_PARALLEL_ITEMS or n_threads < 1:
         return 1
+    if n_threads > n_items // BLOCK_SIZE:
+        return <int>(n_items // BLOCK_SIZE)
     return n_threads
 
 
