@@ -44,7 +44,6 @@ _ndarray = np.ndarray
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
 _PARALLEL_MIN_ITEMS = _kernels.PARALLEL_MIN_ITEMS
-_plain_kind = _kernels.plain_contiguous_kind
 _empty = np.empty
 
 
@@ -195,11 +194,7 @@ def _prepare(pred, target, weight, reduction, return_grad, grad_out, n_threads):
 def _evaluate(kernels, pred, target, weight, reduction, return_grad, grad_out,
               n_threads, param):
     """Compute an elementwise loss, its reduction and its gradient."""
-    # The test of _plain_contiguous_kind, written out: a call less matters
-    # on small inputs, where the Python layer is most of the time.
-    if (weight is None and type(reduction) is str and reduction in REDUCTIONS
-            and _plain_kind(pred, target, grad_out)
-            and (grad_out is None or not _over_input(grad_out, pred, target))):
+    if _plain_contiguous_kind(pred, target, weight, grad_out, reduction):
         return _evaluate_contiguous(
             kernels, pred, target, reduction, return_grad, grad_out, n_threads, param
         )
@@ -257,11 +252,7 @@ def _evaluate_contiguous(kernels, pred, target, reduction, return_grad, grad_out
     dtype = pred.dtype
     kernel = kernels.contig_f64 if dtype is _F64 else kernels.contig_f32
     n = pred.size
-    # _contiguous_threads, written out.
-    if n_threads is not None or n >= _PARALLEL_MIN_ITEMS:
-        n_threads = resolve_n_threads(n_threads)
-    else:
-        n_threads = 1
+    n_threads = _contiguous_threads(n, n_threads)
     if grad_out is not None:
         grad = grad_out
     elif return_grad:
