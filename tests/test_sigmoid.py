@@ -380,8 +380,8 @@ def test_float32_loss_overflow_is_inf(name, reduction, kwargs):
 @pytest.mark.parametrize("name", LOSSES)
 def test_float32_target_cast_overflow_is_inf(name):
     # 1e300 has no float32 value, so the target becomes inf, with no warning.
-    # BCE is affine in the target, so it goes to -inf for a positive logit;
-    # the focal loss's 1 - p_t meets inf - inf and is NaN, as in torchvision.
+    # BCE is affine in the target, so it goes to -inf for a positive logit.
+    # The focal loss's 1 - p_t meets inf - inf and is NaN, as in torchvision.
     logits = np.ones(3, np.float32)
     target = np.array([1e300, 0.0, 0.0])
     loss = LOSSES[name](logits, target, reduction="none")

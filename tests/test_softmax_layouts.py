@@ -21,9 +21,10 @@ from conftest import THREAD_COUNTS
 # Rows of contiguous classes run in place from this many classes on.
 ROW_MIN_CLASSES = 48
 
-# Both sides of the row threshold, one or two classes, odd counts, counts
-# that are not a multiple of the 8 lanes of a sum, and more classes than a
-# class-major tile has positions (at most 256, and 16 from 1025 classes on).
+# Both sides of the row threshold, one or two classes, odd counts, and
+# counts that are not a multiple of the 8 lanes of a sum. The last count
+# exceeds the positions of a class-major tile, which holds at most 256
+# positions, and 16 from 1025 classes on.
 CLASS_COUNTS = (1, 2, 7, 9, ROW_MIN_CLASSES - 1, ROW_MIN_CLASSES, 61, 300, 1031)
 
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}

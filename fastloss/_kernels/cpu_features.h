@@ -1,9 +1,10 @@
 /* Which SIMD instruction sets this CPU and its operating system support.
  *
- * fl_simd_level() returns the highest level whose kernels may run here:
- *   0  the baseline of the architecture (SSE2 on x86-64, or any non-x86 CPU)
- *   1  AVX2 with FMA and F16C, with the OS saving the YMM registers
- *   2  AVX-512 F, CD, BW, DQ and VL, with the OS saving the ZMM registers
+ * fl_simd_level() returns the highest level whose kernels may run here.
+ * Level 0 is the baseline of the architecture (SSE2 on x86-64, or any
+ * non-x86 CPU). Level 1 is AVX2 with FMA and F16C, with the OS saving the
+ * YMM registers. Level 2 is AVX-512 F, CD, BW, DQ and VL, with the OS
+ * saving the ZMM registers.
  *
  * The test of XCR0 matters as much as the CPUID bits: a CPU can have AVX-512
  * while a hypervisor or an old kernel does not save its registers, and then
